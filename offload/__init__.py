@@ -1,0 +1,1 @@
+"""Where each part of the model runs: the placement planner and the CPU expert workers."""

@@ -1,0 +1,1 @@
+"""GGUF files and GGML block formats: reading (memory-mapped), dequantizing, quantizing, writing."""

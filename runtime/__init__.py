@@ -1,0 +1,1 @@
+"""The model: config from GGUF metadata, the torch definition, tokenizer, generation."""
