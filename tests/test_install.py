@@ -17,17 +17,18 @@ def test_fresh_install_runs_info(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
-    own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    # this environment's packages come after the fresh one's own (a path line; its .pth files are not run)
-    Path(own, "outer-env.pth").write_text("\n".join(sorted({sysconfig.get_paths()["purelib"],
-                                                             sysconfig.get_paths()["platlib"]})) + "\n")
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(wheels), str(REPO)], check=True, cwd=tmp_path)
     wheel = next(wheels.glob("dslocal-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
                     str(wheel)], check=True, cwd=tmp_path)
+    own = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    # After the install, this environment's packages are added behind the fresh one's own (a path line:
+    # the .pth files there are not run, so its own dslocal, editable or not, stays out of sight).
+    Path(own, "outer-env.pth").write_text("\n".join(sorted({sysconfig.get_paths()["purelib"],
+                                                             sysconfig.get_paths()["platlib"]})) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = subprocess.run([str(py), "-c", "import dslocal.quant.gguf_file as m; print(m.__file__)"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, check=True).stdout
