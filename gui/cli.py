@@ -1,4 +1,7 @@
-"""The `dslocal` command: one sub-command per verb; a user's mistake is one line on stderr and exit code 2."""
+"""The `dslocal` command: one sub-command per verb; a user's mistake is one line on stderr and exit code 2.
+
+Only the chosen verb's module is imported, so `dslocal info` does not pay for importing torch.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,28 +12,46 @@ from dslocal.quant.gguf_file import GGUFError
 EXIT_USAGE = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    # Verb modules are imported here, when parsing, not at import time of this module.
-    from dslocal.gui import info
-    from dslocal.quant import synthetic
+def _run_verb():
+    from dslocal.gui import repl
+    return repl
 
+
+def _info_verb():
+    from dslocal.gui import info
+    return info
+
+
+def _synth_verb():
+    from dslocal.quant import synthetic
+    return synthetic
+
+
+VERBS = {
+    "run": (_run_verb, "chat with a model in the terminal, or complete one --prompt"),
+    "info": (_info_verb, "show what a deepseek2 GGUF file holds and what a token costs to read"),
+    "synth": (_synth_verb, "write a random-weight deepseek2 GGUF (tiny test models, real-sized bench files)"),
+}
+
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dslocal",
                                 description="Run DeepSeek mixture-of-experts GGUF models on one machine.")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    verbs = {
-        "info": (info, "show what a deepseek2 GGUF file holds and what a token costs to read"),
-        "synth": (synthetic, "write a random-weight deepseek2 GGUF (tiny test models, real-sized bench files)"),
-    }
-    for name, (module, text) in verbs.items():
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, text) in VERBS.items():
         sp = sub.add_parser(name, help=text, description=text)
-        module.add_arguments(sp)
-        sp.set_defaults(run=module.run)
+        if name == chosen:
+            verb = module()
+            verb.add_arguments(sp)
+            sp.set_defaults(run=verb.run)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv).parse_args(argv)
     try:
         return args.run(args)
     except GGUFError as e:

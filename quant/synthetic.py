@@ -93,10 +93,15 @@ def choose_type(name: str, shape: tuple[int, ...], ftype: str, n_layer: int) -> 
     return t
 
 
-def _fan_in_std(name: str, shape: tuple[int, ...]) -> float:
+def _init_std(name: str, shape: tuple[int, ...], n_layer: int) -> float:
+    """Weight spread as a trained model starts: 1/sqrt(fan-in), and the projections that write into the
+    residual stream scaled by 1/sqrt(2 n_layer) (GPT-2's scheme), so a random model is not chaotic."""
     if name == "token_embd.weight":
         return 1.0
-    return 1.0 / math.sqrt(shape[-1])
+    std = 1.0 / math.sqrt(shape[-1])
+    if "attn_output" in name or "ffn_down" in name:
+        std /= math.sqrt(2 * n_layer)
+    return std
 
 
 # Byte offsets of the fp16 scale d, then of dmin / m where the type has one (ggml-common.h block structs)
@@ -184,9 +189,9 @@ class HotExperts:
 
 
 def _tensor_chunks(name: str, shape: tuple[int, ...], ggml_type: GGMLType, method: str, hot: HotExperts,
-                   u: np.ndarray, pools: dict, rng: np.random.Generator):
+                   u: np.ndarray, pools: dict, rng: np.random.Generator, n_layer: int):
     """A function yielding the raw bytes of one tensor (see the module docstring for the methods)."""
-    std = _fan_in_std(name, shape)
+    std = _init_std(name, shape, n_layer)
 
     def values():
         if name.endswith("norm.weight"):
@@ -248,7 +253,7 @@ def build(path: str, cfg: ModelConfig, ftype: str = "q8_0", method: str = "auto"
     for s in specs:
         t = choose_type(s.name, s.shape, ftype, cfg.n_layer)
         tensors.append(TensorData(s.name, s.shape, t,
-                                  _tensor_chunks(s.name, s.shape, t, method, hot, u, pools, rng)))
+                                  _tensor_chunks(s.name, s.shape, t, method, hot, u, pools, rng, cfg.n_layer)))
     v3_style = cfg.gating == GATING_SIGMOID
     vocab = synthetic_vocab(cfg.vocab_size, "deepseek-v3" if v3_style else "deepseek-llm",
                             V3_CHAT_TEMPLATE if v3_style else V2_CHAT_TEMPLATE)

@@ -46,7 +46,7 @@ class ModelConfig:
     expert_weights_norm: bool  # deepseek2.expert_weights_norm (false)
     gating: int                # deepseek2.expert_gating_func (absent: softmax)
     rope_base: float           # deepseek2.rope.freq_base (10000)
-    rope_scaling: str          # deepseek2.rope.scaling.type ("none" when absent)
+    rope_scaling: str          # deepseek2.rope.scaling.type ("linear" when absent, as in llama.cpp)
     rope_factor: float         # deepseek2.rope.scaling.factor (0 or absent: 1)
     rope_orig_ctx: int         # deepseek2.rope.scaling.original_context_length (= context_length)
     rope_attn_factor: float    # deepseek2.rope.scaling.attn_factor (1)
@@ -151,7 +151,7 @@ def read_config(f: GGUFFile) -> ModelConfig:
     if n_group > 1 and (n_expert % n_group or not 0 < n_group_used < n_group):
         raise GGUFError(f"expert groups ({n_group} groups, {n_group_used} used) do not fit {n_expert} experts")
 
-    scaling = _get(f, f"{A}.rope.scaling.type", (ValueType.STRING,), "none")
+    scaling = _get(f, f"{A}.rope.scaling.type", (ValueType.STRING,), "linear")   # llama.cpp's default
     factor = fl("rope.scaling.factor", None)
     if factor is None:
         factor = fl("rope.scale_linear", 0.0)
@@ -238,7 +238,7 @@ def config_metadata(cfg: ModelConfig) -> list[tuple[str, object, ValueType]]:
     else:
         kv += [(f"{A}.attention.key_length", qk_head, U),
                (f"{A}.attention.value_length", cfg.v_head_dim, U)]
-    if cfg.rope_scaling != "none":
+    if cfg.rope_scaling != "none" and (cfg.rope_scaling != "linear" or cfg.rope_factor != 1.0):
         kv += [(f"{A}.rope.scaling.type", cfg.rope_scaling, S),
                (f"{A}.rope.scaling.factor", cfg.rope_factor, F),
                (f"{A}.rope.scaling.original_context_length", cfg.rope_orig_ctx, U),

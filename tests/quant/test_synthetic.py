@@ -51,7 +51,7 @@ def test_random_blocks_have_the_intended_scale(tmp_path, ftype):
             t = f.tensors[name]
             w = dequantize(f.raw(name), t.ggml_type)
             assert np.isfinite(w).all(), name
-            want = 1 / np.sqrt(t.shape[-1])
+            want = synthetic._init_std(name, t.shape, 4)
             assert w.std() == pytest.approx(want, rel=0.15), (name, t.ggml_type.name)
             assert abs(w.mean()) < 0.1 * want, (name, t.ggml_type.name)
 

@@ -52,7 +52,7 @@ def test_defaults_follow_llama_cpp(tmp_path):
     with _write_meta(tmp_path, lambda m: [kv for kv in m if kv[0] not in optional]) as f:
         cfg = read_config(f)
     assert cfg.gating == 1 and cfg.rope_base == 10000.0 and cfg.expert_weights_norm is False
-    assert cfg.n_head_kv == cfg.n_head and cfg.rope_scaling == "none" and cfg.rope_factor == 1.0
+    assert cfg.n_head_kv == cfg.n_head and cfg.rope_scaling == "linear" and cfg.rope_factor == 1.0
     assert cfg.kq_scale == pytest.approx(1 / np.sqrt(64))
 
 
@@ -93,3 +93,12 @@ def test_other_architecture_is_refused(tmp_path):
     with _write_meta(tmp_path, llama) as f:
         with pytest.raises(GGUFError, match="architecture 'llama'"):
             read_config(f)
+
+
+def test_scaling_factor_without_type_is_linear_as_in_llama_cpp(tmp_path):
+    from dslocal.runtime.model import rope_frequencies
+    with _write_meta(tmp_path, lambda m: [kv for kv in m if kv[0] != "deepseek2.rope.scaling.type"]) as f:
+        cfg = read_config(f)
+    assert cfg.rope_scaling == "linear" and cfg.rope_factor == 40.0
+    plain = dataclasses.replace(cfg, rope_scaling="none", rope_factor=1.0)
+    assert np.allclose(rope_frequencies(cfg).numpy(), rope_frequencies(plain).numpy() / 40.0)

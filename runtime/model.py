@@ -1,0 +1,287 @@
+"""The DeepSeek-V2/V3 model in plain torch: MLA with a latent KV cache, DeepSeekMoE, dense leading layers.
+
+One definition serves the reference forward pass and training. It computes what llama.cpp's deepseek2
+graph computes (gguf-deepseek2.md section 4; src/models/deepseek2.cpp), in the absorbed MLA form.
+
+Shapes: B batch, T new tokens, S cached + new tokens, D hidden, H heads, C kv_lora_rank, R rope dim,
+N qk nope dim, Vh v head dim, Q q_lora_rank, E routed experts, K experts per token, F expert ffn, V vocab.
+Routers and norms run in fp32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+from dslocal.runtime.config import GATING_SIGMOID, ModelConfig
+
+
+def round_activations(x: torch.Tensor, kind: str | None) -> torch.Tensor:
+    """x rounded the way llama.cpp's CPU matmuls round activations before a dot product with a weight.
+
+    ggml converts the activations to the weight type's vec_dot_type (ggml-cpu type_traits_cpu): Q8_0 blocks
+    of 32 for Q4_0..Q8_0 (Q8_1 holds the same values), Q8_K blocks of 256 for the K-quants, F16 or BF16 for
+    those weights. kind None: no rounding (F32 weights, or a run that does not emulate llama.cpp).
+    """
+    if kind is None:
+        return x
+    if kind == "f16":
+        return x.to(torch.float16).to(x.dtype)
+    if kind == "bf16":
+        return x.to(torch.bfloat16).to(x.dtype)
+    block = 32 if kind == "q8_0" else 256
+    xb = x.float().unflatten(-1, (-1, block))                                   # (..., n_blocks, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    if kind == "q8_0":
+        # quantize_row_q8_0 (x86): q = round(x * 127 / amax), d = amax / 127 stored as fp16
+        q = torch.round(xb * torch.where(amax > 0, 127.0 / amax, 0.0))
+        d = (amax / 127.0).to(torch.float16).float()
+    else:
+        # quantize_row_q8_K_ref: the scale comes from the signed value of largest magnitude, d stays fp32
+        vmax = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))
+        iscale = torch.where(amax > 0, -127.0 / vmax, 0.0)
+        q = torch.round(xb * iscale).clamp(max=127)
+        d = torch.where(amax > 0, 1.0 / iscale, 0.0)
+    return (q * d).flatten(-2).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose input may be rounded as llama.cpp rounds it (see round_activations)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__(n_in, n_out, bias=False)
+        self.act: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Fn.linear(round_activations(x, self.act), self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Angular frequency of each rope pair, fp64 (R/2,), with YaRN's blend when the file asks for it.
+
+    YaRN (ggml rope_yarn, HF yarn_find_correction_range): pairs faster than beta_fast=32 turns over the
+    original context keep their frequency, pairs slower than beta_slow=1 are divided by the factor, and a
+    linear ramp blends the pairs between.
+    """
+    R, base = cfg.qk_rope_dim, cfg.rope_base
+    freq = base ** (-torch.arange(0, R, 2, dtype=torch.float64) / R)
+    if cfg.rope_scaling != "yarn" or cfg.rope_factor <= 1.0:
+        return freq / (cfg.rope_factor if cfg.rope_scaling == "linear" else 1.0)
+
+    def corr_dim(n_rot: float) -> float:
+        return R * math.log(cfg.rope_orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+    low = max(math.floor(corr_dim(32.0)), 0)
+    high = min(math.ceil(corr_dim(1.0)), R - 1)
+    ramp = (torch.arange(R // 2, dtype=torch.float64) - low) / max(high - low, 0.001)
+    keep = 1.0 - ramp.clamp(0.0, 1.0)   # 1: keep the original frequency, 0: interpolate
+    return freq / cfg.rope_factor * (1.0 - keep) + freq * keep
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (2i, 2i+1) of the last axis (llama.cpp's NORM rope). x: (B, T, ..., R)."""
+    xf = x.float().unflatten(-1, (-1, 2))                       # (..., R/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class LatentCache:
+    """Per layer, the compressed KV latent c_kv (B, S, C) and the roped key k_pe (B, S, R); nothing else."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        self.max_len = max_len
+        self.kv = torch.zeros(cfg.n_layer, batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(cfg.n_layer, batch, max_len, cfg.qk_rope_dim, dtype=dtype, device=device)
+        self.length = 0   # tokens stored so far
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.pe.nbytes
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 paper section 2.1), computed in the absorbed form."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H, C, R, N, Vh = (cfg.hidden, cfg.n_head, cfg.kv_lora_rank, cfg.qk_rope_dim, cfg.qk_nope_dim,
+                             cfg.v_head_dim)
+        self.H, self.C, self.R, self.N = H, C, R, N
+        self.scale = cfg.kq_scale
+        if cfg.q_lora_rank:
+            self.wq_a = Linear(D, cfg.q_lora_rank)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_eps)
+            self.wq_b = Linear(cfg.q_lora_rank, H * (N + R))
+        else:
+            self.wq = Linear(D, H * (N + R))
+        self.wkv_a = Linear(D, C + R)
+        self.kv_norm = RMSNorm(C, cfg.rms_eps)
+        self.wk_b = nn.Parameter(torch.empty(H, N, C))    # latent -> per-head nope key
+        self.wv_b = nn.Parameter(torch.empty(H, Vh, C))   # latent -> per-head value
+        self.wo = Linear(H * Vh, D)
+        self.act_k_b: str | None = None   # activation rounding for the wk_b and wv_b products
+        self.act_v_b: str | None = None
+
+    def forward(self, x, cos, sin, cache: LatentCache | None, layer: int, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        if hasattr(self, "wq"):
+            q = self.wq(x)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, self.H, self.N + self.R)
+        q_nope, q_pe = q[..., :self.N], apply_rope(q[..., self.N:], cos[:, None], sin[:, None])
+        kv = self.wkv_a(x)                                               # (B, T, C + R)
+        c_kv = self.kv_norm(kv[..., :self.C])                            # (B, T, C)
+        k_pe = apply_rope(kv[..., self.C:], cos, sin)                    # (B, T, R)
+        if cache is not None:
+            cache.kv[layer, :, start:start + T] = c_kv
+            cache.pe[layer, :, start:start + T] = k_pe
+            c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
+        S = c_kv.shape[1]
+        # Absorb wk_b into the query: q_nope . (wk_b c) = (wk_b^T q_nope) . c, so keys stay latent.
+        q_nope = round_activations(q_nope, self.act_k_b)
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope.float(), self.wk_b.float())
+        scores = (torch.einsum("bthc,bsc->bths", q_lat, c_kv.float())
+                  + torch.einsum("bthr,bsr->bths", q_pe.float(), k_pe.float())) * self.scale
+        q_pos = torch.arange(start, start + T, device=x.device)
+        mask = torch.arange(S, device=x.device)[None, :] > q_pos[:, None]             # (T, S)
+        scores = scores.masked_fill(mask[None, :, None, :], float("-inf"))
+        p = scores.softmax(dim=-1)                                                     # (B, T, H, S)
+        o_lat = torch.einsum("bths,bsc->bthc", p, c_kv.float())
+        o_lat = round_activations(o_lat, self.act_v_b)
+        o = torch.einsum("bthc,hvc->bthv", o_lat, self.wv_b.float())                   # (B, T, H, Vh)
+        return self.wo(o.flatten(2).to(x.dtype))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x); the dense FFN and the shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = Linear(dim, hidden)
+        self.w_up = Linear(dim, hidden)
+        self.w_down = Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(Fn.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Router(nn.Module):
+    """Top-k expert choice (llama.cpp build_moe_ffn; DeepSeek-V3 paper section 2.1.2), in fp32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.hidden, dtype=torch.float32))
+        # exp_probs_b: a per-expert bias used only to select experts, never to weight them
+        self.bias = nn.Parameter(torch.zeros(cfg.n_expert, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, D) -> expert ids (M, K) long, weights (M, K) fp32."""
+        cfg = self.cfg
+        logits = x.float() @ self.weight.float().t()                                   # (M, E)
+        probs = logits.sigmoid() if cfg.gating == GATING_SIGMOID else logits.softmax(dim=-1)
+        sel = probs + self.bias
+        if cfg.n_group > 1:
+            grouped = sel.view(-1, cfg.n_group, cfg.n_expert // cfg.n_group)            # (M, G, E/G)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)                        # top-2 sum per group
+            keep = group_score.topk(cfg.n_group_used, dim=-1).indices
+            group_mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            sel = grouped.masked_fill(group_mask[..., None], float("-inf")).flatten(1)
+        ids = sel.topk(cfg.n_expert_used, dim=-1).indices
+        w = probs.gather(1, ids)
+        if cfg.expert_weights_norm:
+            w = w / w.sum(-1, keepdim=True).clamp_min(6.103515625e-5)
+        if cfg.expert_weights_scale not in (0.0, 1.0):
+            w = w * cfg.expert_weights_scale
+        return ids, w
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: K of E fine-grained routed experts plus always-on shared experts."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, F, D = cfg.n_expert, cfg.expert_ffn, cfg.hidden
+        self.router = Router(cfg)
+        self.w_gate = nn.Parameter(torch.empty(E, F, D))
+        self.w_up = nn.Parameter(torch.empty(E, F, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, F))
+        self.shared = MLP(D, F * cfg.n_expert_shared) if cfg.n_expert_shared else None
+        self.act_gate_up: str | None = None   # activation rounding for the routed experts' products
+        self.act_down: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                                   # (M, D)
+        ids, w = self.router(x)
+        y = routed_experts(x, ids, w, self.w_gate, self.w_up, self.w_down, self.act_gate_up, self.act_down)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(shape)
+
+
+def routed_experts(x, ids, w, w_gate, w_up, w_down, act_gate_up=None, act_down=None) -> torch.Tensor:
+    """sum_k w[:, k] * down_e(silu(gate_e x) * up_e x) with e = ids[:, k]. x (M, D), ids/w (M, K)."""
+    y = torch.zeros_like(x, dtype=torch.float32)
+    xr = round_activations(x, act_gate_up)
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = xr[tok]
+        a = Fn.silu(h @ w_gate[e].t()) * (h @ w_up[e].t())
+        out = round_activations(a, act_down) @ w_down[e].t()
+        y.index_add_(0, tok, out.float() * w[tok, slot, None])
+    return y.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden, cfg.dense_ffn)
+
+    def forward(self, x, cos, sin, cache, start):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer, start)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class DeepSeek(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.head = Linear(cfg.hidden, cfg.vocab_size)
+        self.register_buffer("rope_freq", rope_frequencies(cfg), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, cache: LatentCache | None = None, start: int = 0) -> torch.Tensor:
+        """tokens (B, T) at positions start.. -> logits (B, T, V) fp32; appends to the cache if given."""
+        T = tokens.shape[1]
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"{start + T} tokens do not fit the cache of {cache.max_len}")
+        pos = torch.arange(start, start + T, device=tokens.device, dtype=torch.float64)
+        angle = pos[:, None] * self.rope_freq.to(tokens.device, torch.float64)[None, :]   # (T, R/2)
+        cos, sin = angle.cos().float(), angle.sin().float()
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, start)
+        if cache is not None:
+            cache.length = start + T
+        return self.head(self.norm(x)).float()
