@@ -56,23 +56,22 @@ def load_model(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32
     """
     check_tensors(cfg, f)
     with torch.device("meta"):
-        model = DeepSeek(cfg)
-    model = model.to_empty(device=device)
-    params = dict(model.named_parameters())
+        model = DeepSeek(cfg)         # no memory yet: each parameter arrives once, in its final dtype
+    meta = dict(model.named_parameters())
+    state: dict[str, torch.Tensor] = {}
 
     def put(pname: str, value: np.ndarray) -> None:
-        p = params[pname]
-        keep_fp32 = p.dtype == torch.float32 and (value.ndim == 1 or pname.endswith("router.weight"))
+        keep_fp32 = meta[pname].dtype == torch.float32 and (value.ndim == 1 or pname.endswith("router.weight"))
         t = torch.from_numpy(np.ascontiguousarray(value))
-        p.data = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+        state[pname] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
 
     for pname, gname in gguf_names(cfg).items():
         if gname in f.tensors:
             put(pname, load_tensor(f, gname))
-        elif gname == "output.weight":
-            params["head.weight"].data = params["embed.weight"].data        # tied output head
         elif gname.endswith("exp_probs_b.bias"):
             put(pname, np.zeros(cfg.n_expert, np.float32))
+    if "head.weight" not in state:
+        state["head.weight"] = state["embed.weight"]                          # tied output head
     for i in range(cfg.n_layer):
         g = f"blk.{i}."
         if cfg.mla:
@@ -83,6 +82,7 @@ def load_model(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32
             kv_b = load_tensor(f, g + "attn_kv_b.weight").reshape(cfg.n_head, -1, cfg.kv_lora_rank)
             put(f"layers.{i}.attn.wk_b", kv_b[:, :cfg.qk_nope_dim])          # (H, N, C)
             put(f"layers.{i}.attn.wv_b", kv_b[:, cfg.qk_nope_dim:])          # (H, Vh, C)
+    model.load_state_dict(state, strict=True, assign=True)
     model.rope_freq = rope_frequencies(cfg).to(device)
     if like_llama_cpp:
         _set_activation_rounding(model, cfg, f)

@@ -42,3 +42,6 @@ def test_fresh_install_runs_info(tmp_path):
     assert r.returncode == 0, r.stderr
     r = subprocess.run([dslocal, "info", "m.gguf"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0 and "deepseek2" in r.stdout and "routed experts read" in r.stdout, r.stderr
+    r = subprocess.run([dslocal, "run", "--gguf", "m.gguf", "--prompt", "Hello", "--max-tokens", "4",
+                        "--temperature", "0"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
