@@ -1,0 +1,63 @@
+"""DRAM read bandwidth: a multithreaded sum over a buffer far larger than the caches.
+
+    python -m dslocal.bench.dram [--gib 4] [--threads N]
+
+The CPU MoE kernels are judged against this number (DESIGN.md, "The performance model").
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _read_all(a, n_parts):
+    """Sum of a uint64 (N,) in n_parts contiguous ranges, one per thread; every byte is loaded once."""
+    n = a.shape[0]
+    part = np.empty(n_parts, np.uint64)
+    for p in prange(n_parts):
+        s = np.uint64(0)
+        for i in range(p * n // n_parts, (p + 1) * n // n_parts):
+            s += a[i]
+        part[p] = s
+    total = np.uint64(0)
+    for p in range(n_parts):
+        total += part[p]
+    return total
+
+
+def read_bandwidth(gib: float = 4.0, repeat: int = 5, threads: int | None = None) -> dict:
+    """Best-of-repeat read bandwidth in GB/s (1e9 bytes/s) of a gib GiB buffer on numba's threads."""
+    if threads:
+        numba.set_num_threads(threads)
+    a = np.empty(int(gib * 2**30) // 8, np.uint64)
+    a[:] = 1                                   # touch every page before timing
+    n = numba.get_num_threads()
+    _read_all(a[: 1 << 16], n)                 # compile (or load) outside the timing
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _read_all(a, n)
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"bytes": a.nbytes, "threads": n, "seconds": best, "GB_per_s": a.nbytes / best / 1e9,
+            "median_GB_per_s": a.nbytes / float(np.median(times)) / 1e9}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dslocal.bench.dram", description=__doc__.split("\n")[0])
+    p.add_argument("--gib", type=float, default=4.0, help="buffer size in GiB (default 4)")
+    p.add_argument("--threads", type=int, help="threads (default: numba's default)")
+    args = p.parse_args(argv)
+    r = read_bandwidth(args.gib, threads=args.threads)
+    print(f"DRAM read: {r['GB_per_s']:.1f} GB/s best, {r['median_GB_per_s']:.1f} median "
+          f"({r['bytes'] / 2**30:.1f} GiB, {r['threads']} threads, {numba.threading_layer()} layer)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""One MoE layer's routed experts on the CPU: time, tokens/s and GB/s of expert weights read, against the
+machine's measured DRAM read bandwidth, with the same layer in torch on bf16 weights beside it.
+
+    python -m dslocal.bench.moe_layer [--shapes v2-lite,v3] [--types q4_k,q6_k,q8_0,q2_k]
+                                      [--tokens 1,8,64,512] [--threads N] [--json out.json] [--no-torch]
+
+Weights are random blocks held in memory (not a file): a tile of quantized Gaussian rows repeated over
+every expert. A real model has tens of MoE layers, so no decode step finds experts in the last-level
+cache; here a layer smaller than 1.2 GB (three times the largest LLC seen, 300 MB on the GPU box) gets
+copies, and calls take the copies in turn. Routing is uniform; decode (T = 1) walks the experts in a fixed
+random order. "GB read" counts each distinct expert of a call once (the bytes
+the kernel must stream); the V2-Lite down projection takes llama-quantize's fallback type, since rows of 1408
+are not whole 256-value super-blocks. For T = 512 the table also gives the time of the same 512 tokens as
+64 separate T = 8 calls, and how many times faster per token the single call is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+
+import numba
+import numpy as np
+import psutil
+import torch
+
+from dslocal.bench.dram import read_bandwidth
+from dslocal.kernels.cpu.moe import moe_ffn
+from dslocal.kernels.experts import ExpertTensors
+from dslocal.quant.ggml import TYPE_INFO, GGMLType, parse_type
+from dslocal.quant.quantize import quantize
+
+T_ = GGMLType
+SHAPES = {   # hidden D, expert ffn F, experts E, top-k K (HF config.json of each model)
+    "v2-lite": dict(D=2048, F=1408, E=64, K=6),
+    "v3": dict(D=7168, F=2048, E=256, K=8),
+}
+# llama-quantize's type for a row that is not whole super-blocks (llama-quant.cpp)
+FALLBACK = {T_.Q4_K: T_.Q5_0, T_.Q5_K: T_.Q5_1, T_.Q6_K: T_.Q8_0, T_.Q2_K: T_.Q4_0, T_.Q3_K: T_.Q4_0}
+TILE_ROWS = 64
+CACHE_DEFEAT_BYTES = 1.2e9   # calls cycle through layer copies of at least this many bytes together
+
+
+def expert_stack(E: int, rows: int, cols: int, t: GGMLType, rng) -> np.ndarray:
+    """uint8 (E, rows, row_bytes): TILE_ROWS quantized N(0, 1/cols) rows repeated over every expert."""
+    if cols % TYPE_INFO[t].block_size:
+        t = FALLBACK[t]
+    tile = quantize(rng.standard_normal((TILE_ROWS, cols), dtype=np.float32) / np.float32(cols ** 0.5), t)
+    out = np.empty((E * rows // TILE_ROWS, TILE_ROWS, tile.shape[1]), np.uint8)
+    out[:] = tile
+    return out.reshape(E, rows, -1), t
+
+
+def layer(shape: dict, t: GGMLType, rng) -> ExpertTensors:
+    E, D, F = shape["E"], shape["D"], shape["F"]
+    gate, tg = expert_stack(E, F, D, t, rng)
+    up, tu = expert_stack(E, F, D, t, rng)
+    down, td = expert_stack(E, D, F, t, rng)
+    return ExpertTensors(gate, up, down, tg, tu, td)
+
+
+def routes(T: int, shape: dict, n_calls: int, rng) -> list[np.ndarray]:
+    """Top-k expert ids (T, K) for n_calls calls; T = 1 walks a random permutation of the experts."""
+    E, K = shape["E"], shape["K"]
+    if T == 1:
+        order = rng.permutation(E)
+        return [order[(np.arange(K) + K * i) % E][None, :] for i in range(n_calls)]
+    return [rng.random((T, E)).argsort(axis=1)[:, :K] for _ in range(n_calls)]
+
+
+def time_calls(run, ids_list, x, w) -> tuple[float, float]:
+    """Median seconds per call and mean distinct experts per call; the first two calls only warm up."""
+    run(x, ids_list[0], w)
+    run(x, ids_list[1], w)
+    times = []
+    for ids in ids_list[2:]:
+        t0 = time.perf_counter()
+        run(x, ids, w)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), float(np.mean([len(np.unique(i)) for i in ids_list[2:]]))
+
+
+def n_calls_for(T: int) -> int:
+    return {1: 42, 8: 22, 64: 8, 512: 4}.get(T, 6)
+
+
+def bench_quant(shape_name: str, t: GGMLType, tokens: list[int], dram: float, rng) -> list[dict]:
+    shape = SHAPES[shape_name]
+    layers = [layer(shape, t, rng)]
+    n_copies = int(np.ceil(CACHE_DEFEAT_BYTES / (layers[0].expert_bytes() * shape["E"])))
+    layers += [layer(shape, t, rng) for _ in range(n_copies - 1)]
+    ex = layers[0]
+    types = f"{ex.gate_type.name}/{ex.down_type.name}" if ex.down_type != ex.gate_type else ex.gate_type.name
+    calls = iter(range(1 << 60))
+    run = lambda x, ids, w: moe_ffn(x, ids, w, layers[next(calls) % n_copies])   # noqa: E731
+    rows = []
+    for T in tokens:
+        x = rng.standard_normal((T, shape["D"]), dtype=np.float32)
+        w = rng.random((T, shape["K"]), dtype=np.float32)
+        ids_list = routes(T, shape, n_calls_for(T), rng)
+        sec, n_exp = time_calls(run, ids_list, x, w)
+        row = _row(shape_name, "dslocal", types, T, sec, n_exp * ex.expert_bytes(), dram)
+        row["layer_copies"] = n_copies
+        if T == 512:
+            # the same tokens as 64 calls of 8 (their times added up)
+            ids = ids_list[-1]
+            per = []
+            for i in range(0, T, 8):
+                t0 = time.perf_counter()
+                run(x[i:i + 8], ids[i:i + 8], w[i:i + 8])
+                per.append(time.perf_counter() - t0)
+            row["t8x64_ms"] = 1e3 * sum(per)
+            row["speedup_vs_t8x64"] = sum(per) / sec
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
+def bench_torch(shape_name: str, tokens: list[int], dram: float, rng) -> list[dict]:
+    """The same layer in torch, bf16 weights and activations, experts looped as in kernels/ref.py."""
+    shape = SHAPES[shape_name]
+    E, D, F = shape["E"], shape["D"], shape["F"]
+    tile = torch.randn(TILE_ROWS, max(D, F), dtype=torch.bfloat16) * (1 / D ** 0.5)
+    gate = tile[:, :D].repeat(E * F // TILE_ROWS, 1).view(E, F, D)
+    up = gate.clone()
+    down = tile[:, :F].repeat(E * D // TILE_ROWS, 1).view(E, D, F)
+    expert_bytes = 3 * D * F * 2
+
+    @torch.inference_mode()
+    def run(x, ids, w):
+        x, ids, w = torch.from_numpy(x).bfloat16(), torch.from_numpy(ids), torch.from_numpy(w).bfloat16()
+        y = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            t, k = torch.where(ids == e)
+            h = torch.nn.functional.silu(x[t] @ gate[e].T) * (x[t] @ up[e].T)
+            y.index_add_(0, t, (h @ down[e].T) * w[t, k, None])
+        return y
+
+    rows = []
+    for T in tokens:
+        x = rng.standard_normal((T, D), dtype=np.float32)
+        w = rng.random((T, shape["K"]), dtype=np.float32)
+        sec, n_exp = time_calls(run, routes(T, shape, max(4, n_calls_for(T) // 2), rng), x, w)
+        rows.append(_row(shape_name, "torch", "BF16", T, sec, n_exp * expert_bytes, dram))
+        _print_row(rows[-1])
+    del gate, up, down
+    return rows
+
+
+def _row(shape, impl, types, T, sec, nbytes, dram) -> dict:
+    return {"shape": shape, "impl": impl, "types": types, "T": T, "ms": 1e3 * sec, "tokens_per_s": T / sec,
+            "GB_read": nbytes / 1e9, "GB_per_s": nbytes / sec / 1e9, "frac_dram": nbytes / sec / 1e9 / dram}
+
+
+HEADER = (f"{'shape':<8} {'impl':<8} {'types':<10} {'T':>4} {'ms':>9} {'tok/s':>9} {'GB read':>8} {'GB/s':>7} "
+          f"{'%DRAM':>6}  {'64xT=8 ms':>10} {'speedup':>7}")
+
+
+def _print_row(r: dict) -> None:
+    extra = f"  {r['t8x64_ms']:>10.1f} {r['speedup_vs_t8x64']:>6.2f}x" if "t8x64_ms" in r else ""
+    print(f"{r['shape']:<8} {r['impl']:<8} {r['types']:<10} {r['T']:>4} {r['ms']:>9.3f} {r['tokens_per_s']:>9.1f} "
+          f"{r['GB_read']:>8.3f} {r['GB_per_s']:>7.1f} {100 * r['frac_dram']:>5.1f}%{extra}", flush=True)
+
+
+def machine(threads: int) -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor(), "physical_cores": psutil.cpu_count(logical=False),
+            "logical_cpus": psutil.cpu_count(), "threads": threads, "numba": numba.__version__,
+            "torch": torch.__version__, "memory_GiB": psutil.virtual_memory().total / 2**30}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dslocal.bench.moe_layer",
+                                description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--shapes", default="v2-lite,v3", help="comma-separated: " + ", ".join(SHAPES))
+    p.add_argument("--types", default="q4_k,q6_k,q8_0,q2_k", help="weight types (default q4_k,q6_k,q8_0,q2_k)")
+    p.add_argument("--tokens", default="1,8,64,512", help="tokens per call (default 1,8,64,512)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--dram-gib", type=float, default=4.0, help="buffer of the bandwidth probe (default 4 GiB)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch bf16 comparison")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if any(s not in SHAPES for s in shapes):
+        p.error(f"--shapes: choose from {', '.join(SHAPES)}")
+    types = [parse_type(t) for t in args.types.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+
+    threads = args.threads or psutil.cpu_count(logical=False) or 1
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
+    info = machine(numba.get_num_threads())
+    dram = read_bandwidth(args.dram_gib)
+    info["threading_layer"] = numba.threading_layer()
+    print(f"{info['cpu']}: {info['physical_cores']} cores, {info['logical_cpus']} CPUs, "
+          f"{info['memory_GiB']:.0f} GiB; {info['threads']} threads ({info['threading_layer']} layer), "
+          f"numba {info['numba']}, torch {info['torch']}")
+    print(f"DRAM read bandwidth: {dram['GB_per_s']:.1f} GB/s ({dram['bytes'] / 2**30:.0f} GiB, best of 5)\n")
+    print(HEADER, flush=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in shapes:
+        for t in types:
+            rows += bench_quant(s, t, tokens, dram["GB_per_s"], rng)
+        if not args.no_torch:
+            rows += bench_torch(s, tokens, dram["GB_per_s"], rng)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\npeak memory (RSS): {peak:.1f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "dram": dram, "peak_rss_GiB": peak, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The CPU expert worker: runs one MoE layer's routed experts on CPU threads while the caller goes on.
+
+    worker = ExpertWorker()                  # threads: the physical cores; pinned buffers if CUDA is there
+    worker.submit(x, topk_ids, topk_weights, experts)   # returns at once
+    ...                                      # GPU work: attention of the next micro-batch, shared experts
+    y = worker.wait()                        # (T, D) float32 on the CPU, pinned; re-raises worker errors
+    worker.close()                           # or `with ExpertWorker() as worker:`
+
+One job at a time, in order: submit, then wait, then the next submit. The kernels (kernels/cpu/moe.py) run
+compiled and without the GIL, so the caller's Python thread keeps running during the layer. Inputs on a
+CUDA device are copied into pinned host buffers without blocking the caller (the worker waits for the
+copy's event); the result lands in a pinned buffer that is reused by the next job, so copy it to the GPU
+(non_blocking=True is fine) before the next submit.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import psutil
+import torch
+
+from dslocal.kernels.cpu.moe import moe_ffn
+from dslocal.kernels.experts import ExpertTensors
+
+
+def default_threads() -> int:
+    """The physical core count (hyper-threads share a core's vector units and memory bandwidth), capped
+    at the threads Numba was started with (NUMBA_NUM_THREADS)."""
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, min(cores, numba.config.NUMBA_NUM_THREADS))
+
+
+@dataclass
+class _Job:
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    experts: ExpertTensors
+    out: torch.Tensor
+    ready: torch.cuda.Event | None     # set when the device-to-host copies have landed
+
+
+class ExpertWorker:
+    """A thread that computes MoE layers' routed experts with the CPU kernels, one job at a time."""
+
+    def __init__(self, threads: int | None = None, pin_memory: bool | None = None):
+        self.threads = default_threads() if threads is None else int(threads)
+        if not 1 <= self.threads <= numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS),"
+                             f" got {threads}")
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._jobs: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        self._pending = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="dslocal-cpu-experts", daemon=True)
+        self._thread.start()
+
+    # -- caller side ------------------------------------------------------------------------------------
+    def submit(self, x, topk_ids, topk_weights, experts: ExpertTensors) -> None:
+        """Start the layer: x (T, D), topk_ids (T, K), topk_weights (T, K), on the CPU or a CUDA device.
+        Returns at once; CPU inputs are used in place, so leave them unchanged until wait() returns."""
+        if self._closed:
+            raise RuntimeError("the CPU expert worker is closed")
+        if self._pending:
+            raise RuntimeError("submit() called twice without wait(): the worker runs one layer at a time")
+        x = torch.as_tensor(x)
+        T, D = x.shape[0], experts.hidden
+        ready = None
+        if x.device.type == "cuda" or torch.as_tensor(topk_ids).device.type == "cuda":
+            x = self._stage("x", x, torch.float32)
+            topk_ids = self._stage("ids", torch.as_tensor(topk_ids), torch.int64)
+            topk_weights = self._stage("weights", torch.as_tensor(topk_weights), torch.float32)
+            ready = torch.cuda.Event()
+            ready.record()
+        out = self._buffer("out", (T, D), torch.float32)
+        self._pending = True
+        self._jobs.put(_Job(x, torch.as_tensor(topk_ids), torch.as_tensor(topk_weights), experts, out, ready))
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        """The result of the last submit(): (T, D) float32 on the CPU, in a buffer the next job reuses.
+        An exception raised in the worker is raised here, unchanged."""
+        if not self._pending:
+            raise RuntimeError("wait() without submit()")
+        try:
+            result, error = self._results.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the CPU expert worker did not finish within {timeout} s") from None
+        self._pending = False
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        """Stop the thread after the job in hand, if any; idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> ExpertWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reused host buffer of at least shape (grown as needed), pinned when pin_memory; a view of it."""
+        n = int(np.prod(shape))
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.empty(max(n, 1), dtype=dtype, pin_memory=self.pin_memory)
+            self._buffers[name] = buf
+        return buf[:n].view(shape)
+
+    def _stage(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """t copied into a reused (pinned) host buffer without waiting: the job's event marks its arrival."""
+        host = self._buffer(name, tuple(t.shape), dtype)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    # -- worker side ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        numba.set_num_threads(self.threads)     # Numba's thread count is per calling thread
+        warned = False
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                if job.ready is not None:
+                    job.ready.synchronize()
+                y = moe_ffn(job.x, job.ids, job.weights, job.experts, out=job.out)
+                self._results.put((y, None))
+            except BaseException as e:           # handed to the caller by wait()
+                self._results.put((None, e))
+            if not warned:
+                warned = True
+                if numba.threading_layer() == "workqueue":
+                    print("dslocal: Numba fell back to its workqueue threading layer (no OpenMP or TBB found); "
+                          "each of the 4 parallel steps of a layer then costs ~50 us more. Install libgomp "
+                          "or `pip install tbb` to use OpenMP or TBB.", file=sys.stderr)

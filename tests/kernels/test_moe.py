@@ -1,0 +1,149 @@
+"""kernels/cpu/moe.py::moe_ffn against kernels/ref.py::moe_ffn, for every weight type, at odd shapes.
+
+Tolerances, as normalized squared error sum((y - ref)^2) / sum(ref^2) (both use the same quantized weights,
+so only the activation side differs):
+- K-quants (Q2_K..Q6_K): x and h = silu(gate x) * up x are rounded to 11-bit integers in blocks of 256
+  (kernels/cpu/rows.py). A block's step is max|v| / 1023 and the rounding error has variance step^2 / 12;
+  for Gaussian x (max ~3.5 sigma) that is ~1e-6 of the signal, and for heavy-tailed h with block maxima up
+  to ~10 sigma ~8e-6. Two such roundings in series measure 1e-6..9e-6 over these cases (one token with one
+  expert varies most); the bound 5e-5 leaves 5x room (inputs are seeded) and is 10x below STYLE.md's 5e-4
+  for quantized matmuls, so a wrong scale or min in one sub-block (NSE ~1e-3 and up) still fails.
+- 32-value block types and F32 / F16 / BF16 are dotted in float32 with unquantized activations: only the
+  order of the float32 sums differs, ~1e-13 measured; bound 1e-10.
+"""
+import numpy as np
+import pytest
+import torch
+
+from dslocal.kernels import ref
+from dslocal.kernels.cpu import moe as cpu
+from dslocal.kernels.experts import ExpertTensors
+from dslocal.quant.ggml import GGMLType
+from dslocal.quant.quantize import quantize
+
+T_ = GGMLType
+K_QUANTS = [T_.Q4_K, T_.Q5_K, T_.Q6_K, T_.Q2_K, T_.Q3_K]
+FLOAT_DOTTED = [T_.Q8_0, T_.Q4_0, T_.Q4_1, T_.Q5_0, T_.Q5_1, T_.BF16, T_.F16, T_.F32]
+NSE_BOUND = {**{t: 5e-5 for t in K_QUANTS}, **{t: 1e-10 for t in FLOAT_DOTTED}}
+FAST = [cpu.moe_ffn]
+E = 12
+
+
+def nse(y, want) -> float:
+    y, want = np.asarray(y, np.float64), np.asarray(want, np.float64)
+    return float(((y - want) ** 2).sum() / (want ** 2).sum())
+
+
+def experts_of(t: GGMLType, D: int, F: int, rng, down: GGMLType | None = None) -> ExpertTensors:
+    """Random experts, weights N(0, 1/fan-in) quantized to t (down to `down`, default t)."""
+    down = down or t
+
+    def q(rows, cols, tt):
+        return quantize(rng.standard_normal((E, rows, cols), dtype=np.float32) / np.float32(cols ** 0.5), tt)
+    return ExpertTensors(q(F, D, t), q(F, D, t), q(D, F, down), t, t, down)
+
+
+def routing(T: int, K: int, rng, used: int = E - 3):
+    """Top-k ids drawn from the first `used` experts only (the rest get no tokens), and weights."""
+    ids = np.stack([rng.choice(used, K, replace=False) for _ in range(T)]).astype(np.int64)
+    return ids.reshape(T, K), rng.random((T, K), dtype=np.float32)
+
+
+# (T, K): decode, a few tokens, odd counts, a prefill-sized batch; K from 1 to 8
+CASES = [(1, 1), (1, 8), (3, 6), (17, 3), (200, 2), (200, 7)]
+
+
+@pytest.mark.parametrize("fast", FAST, ids=lambda f: f.__module__)
+@pytest.mark.parametrize("t", K_QUANTS + FLOAT_DOTTED, ids=lambda t: t.name)
+def test_moe_ffn_matches_reference(fast, t):
+    rng = np.random.default_rng(int(t))
+    # K-quants need rows of whole 256-value super-blocks; the 32-value types get dims that leave a partial
+    # 256-value chunk at the end of every row (288 = 256 + 32, 160 = 5 * 32)
+    D, F = (512, 256) if t in K_QUANTS else (288, 160)
+    ex = experts_of(t, D, F, rng)
+    for T, K in CASES:
+        x = rng.standard_normal((T, D), dtype=np.float32)
+        ids, w = routing(T, K, rng)
+        y, want = fast(x, ids, w, ex), ref.moe_ffn(x, ids, w, ex)
+        err = nse(y, want)
+        print(f"{t.name} T={T} K={K}: NSE {err:.2e} (bound {NSE_BOUND[t]:.0e})")
+        assert y.shape == (T, D) and y.dtype == np.float32
+        assert err < NSE_BOUND[t], f"{t.name} T={T} K={K}: NSE {err:.2e}"
+
+
+def test_mixed_types_as_in_q4_k_m():
+    """A real V2-Lite Q4_K_M layer: gate/up Q4_K, down Q5_0 (rows of 1408 are not whole super-blocks)."""
+    rng = np.random.default_rng(1)
+    ex = experts_of(T_.Q4_K, 256, 1408 // 4, rng, down=T_.Q5_0)
+    x = rng.standard_normal((5, 256), dtype=np.float32)
+    ids, w = routing(5, 6, rng)
+    assert nse(cpu.moe_ffn(x, ids, w, ex), ref.moe_ffn(x, ids, w, ex)) < 5e-5
+
+
+def test_torch_in_torch_out_and_out_buffer():
+    rng = np.random.default_rng(2)
+    ex = experts_of(T_.Q8_0, 64, 96, rng)
+    x = torch.randn(4, 64)
+    ids, w = routing(4, 2, rng)
+    y = cpu.moe_ffn(x, torch.from_numpy(ids), torch.from_numpy(w), ex)
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
+    out = torch.full((4, 64), float("nan"))
+    assert cpu.moe_ffn(x, ids, w, ex, out=out) is out
+    assert torch.equal(out, y)
+    want = ref.moe_ffn(x, ids, w, ex)
+    assert isinstance(want, torch.Tensor) and nse(y, want) < 1e-10
+
+
+def test_duplicate_ids_add_up_and_no_tokens():
+    rng = np.random.default_rng(3)
+    ex = experts_of(T_.Q4_K, 256, 256, rng)
+    x = rng.standard_normal((2, 256), dtype=np.float32)
+    ids = np.array([[3, 3], [5, 3]])
+    w = np.array([[0.25, 0.5], [1.0, 2.0]], np.float32)
+    assert nse(cpu.moe_ffn(x, ids, w, ex), ref.moe_ffn(x, ids, w, ex)) < 5e-5
+    empty = cpu.moe_ffn(np.zeros((0, 256), np.float32), np.zeros((0, 2), np.int64), np.zeros((0, 2), np.float32), ex)
+    assert empty.shape == (0, 256)
+
+
+def test_non_finite_input_reaches_the_output():
+    rng = np.random.default_rng(4)
+    ex = experts_of(T_.Q6_K, 256, 256, rng)
+    x = rng.standard_normal((3, 256), dtype=np.float32)
+    x[1, 7] = np.inf
+    ids, w = routing(3, 2, rng)
+    y = cpu.moe_ffn(x, ids, w, ex)
+    assert not np.isfinite(y[1]).any() and np.isfinite(y[[0, 2]]).all()
+
+
+def test_bad_arguments_are_clear_errors():
+    rng = np.random.default_rng(5)
+    ex = experts_of(T_.Q8_0, 64, 32, rng)
+    x = np.zeros((2, 64), np.float32)
+    with pytest.raises(ValueError, match=r"expert ids must be in \[0, 12\)"):
+        cpu.moe_ffn(x, np.array([[0], [12]]), np.ones((2, 1), np.float32), ex)
+    with pytest.raises(ValueError, match="x \\(T, 64\\)"):
+        cpu.moe_ffn(np.zeros((2, 32), np.float32), np.zeros((2, 1), np.int64), np.ones((2, 1), np.float32), ex)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu.moe_ffn(x, np.zeros((2, 1), np.int64), np.ones((2, 1), np.float32), ex, out=np.zeros((2, 64)))
+    with pytest.raises(ValueError, match="do not fit together"):
+        ExpertTensors(ex.gate, ex.up, ex.gate, T_.Q8_0, T_.Q8_0, T_.Q8_0)
+    with pytest.raises(ValueError, match="IQ2_XXS"):
+        ExpertTensors(ex.gate, ex.up, ex.down, T_.IQ2_XXS, T_.Q8_0, T_.Q8_0)
+
+
+def test_layer_straight_from_a_gguf_file(tiny_gguf):
+    """Zero-copy expert views of a Q4_K_M file (read-only memory map), as the runtime will pass them."""
+    from dslocal.kernels.experts import from_gguf
+    from dslocal.quant.gguf_file import open_gguf
+
+    with open_gguf(tiny_gguf("tiny-v2", "q4_k_m")) as f:
+        ex = from_gguf(f, 1)
+        assert not ex.gate.flags.writeable and ex.gate_type == T_.Q4_K
+        rng = np.random.default_rng(6)
+        x = rng.standard_normal((9, ex.hidden), dtype=np.float32)
+        ids, w = routing(9, 2, rng, used=ex.n_expert)
+        err = nse(cpu.moe_ffn(x, ids, w, ex), ref.moe_ffn(x, ids, w, ex))
+        print(f"tiny-v2 Q4_K_M layer 1 ({ex.gate_type.name}/{ex.down_type.name}): NSE {err:.2e}")
+        assert err < 5e-5
+        with pytest.raises(ValueError, match="no routed experts"):
+            from_gguf(f, 0)
