@@ -27,8 +27,19 @@ def _synth_verb():
     return synthetic
 
 
+def _bench_verb():
+    from dslocal.bench import command
+    return command
+
+
+
+
+
+
+
 VERBS = {
     "run": (_run_verb, "chat with a model in the terminal, or complete one --prompt"),
+    "bench": (_bench_verb, "tokens per second of a model, or --moe-only of the CPU expert kernels"),
     "info": (_info_verb, "show what a deepseek2 GGUF file holds and what a token costs to read"),
     "synth": (_synth_verb, "write a random-weight deepseek2 GGUF (tiny test models, real-sized bench files)"),
 }
@@ -51,7 +62,11 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser(argv).parse_args(argv)
+    parser = _parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return args.run(args)
     except GGUFError as e:
