@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 
+from dslocal.runtime.chat import ThinkSplitter
 from dslocal.runtime.generate import ContextFull, Stats
 from dslocal.runtime.load import Loaded, RunConfig, load
 from dslocal.runtime.sampling import Sampling
@@ -146,18 +147,28 @@ class Repl:
             print(f"dslocal: {e}. Type /reset to start a new conversation.")
             return
         reply, finish = [], None
+        # R1-style reasoning (<think>...</think>) is shown dimmed on a terminal, apart from the answer
+        split = ThinkSplitter.for_prompt(self.loaded.template.render(messages, add_generation_prompt=True))
         try:
             for piece in self.loaded.engine.generate(ids, self.sampling):
-                print(piece.text, end="", flush=True)
+                _show(split.feed(piece.text))
                 reply.append(piece.text)
                 finish, self.stats = piece.finish, piece.stats
+            _show(split.flush())
         except KeyboardInterrupt:
             finish = "interrupted"
+            _show(split.flush())
             print(" [stopped]", end="")
         print()
         if finish == "context":
             print(f"(the context of {self.loaded.engine.context_length} tokens is full: /reset to start over)")
         self.messages = messages[len(system):] + [{"role": "assistant", "content": "".join(reply)}]
+
+
+def _show(parts: list[tuple[bool, str]]) -> None:
+    dim = sys.stdout.isatty()
+    for reasoning, text in parts:
+        print(f"\033[2m{text}\033[0m" if reasoning and dim else text, end="", flush=True)
 
 
 def _format_stats(s: Stats) -> str:
