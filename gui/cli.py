@@ -32,6 +32,14 @@ def _bench_verb():
     return command
 
 
+def _chat_verb():
+    from dslocal.gui import chat_app
+    return chat_app
+
+
+def _serve_verb():
+    from dslocal.gui import server
+    return server
 
 
 
@@ -39,6 +47,8 @@ def _bench_verb():
 
 VERBS = {
     "run": (_run_verb, "chat with a model in the terminal, or complete one --prompt"),
+    "chat": (_chat_verb, "chat with a model in a local window (a web page on 127.0.0.1)"),
+    "serve": (_serve_verb, "serve an OpenAI-compatible HTTP API on 127.0.0.1"),
     "bench": (_bench_verb, "tokens per second of a model, or --moe-only of the CPU expert kernels"),
     "info": (_info_verb, "show what a deepseek2 GGUF file holds and what a token costs to read"),
     "synth": (_synth_verb, "write a random-weight deepseek2 GGUF (tiny test models, real-sized bench files)"),

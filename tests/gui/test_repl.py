@@ -75,8 +75,12 @@ def test_interactive_commands_and_ctrl_c(model, tmp_path):
         s.wait_for("not set: top_p must be in (0, 1]")
         s.send("/set max_tokens 100000")
         s.wait_for("(max_tokens = 100000)")
+        before = len(s.text())
         s.send("Tell me a long story")
-        time.sleep(3)                                   # an answer of up to 4096 tokens is being streamed
+        end = time.time() + 300
+        while len(s.text()) < before + 40:             # the answer (up to 4096 tokens) is streaming
+            assert time.time() < end, s.text()
+            time.sleep(0.05)
         s.p.send_signal(signal.SIGINT)
         s.wait_for("[stopped]")
         s.send("/stats")
