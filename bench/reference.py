@@ -1,6 +1,6 @@
 """Speed of the reference runtime (every weight dequantized, plain torch): the baseline to beat.
 
-    python -m dslocal.bench.reference [--gguf F | --preset tiny-v2 --type q8_0] [--device cuda]
+    python -m dslocal.bench.reference [--gguf F | --preset v2-lite --type q4_k_m] [--device cuda]
                                       [--prompt-len 128] [--gen 64] [--json out.json]
 
 Prefill: one forward pass over a prompt of --prompt-len tokens. Decode: --gen greedy tokens, one step each.
@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from dslocal.quant import synthetic
-from dslocal.runtime.load import RunConfig, load
+from dslocal.runtime.load import RunConfig, default_model, load
 from dslocal.runtime.sampling import Sampling
 
 
@@ -29,8 +29,8 @@ def _sync(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dslocal.bench.reference", description=__doc__.split("\n")[0])
-    p.add_argument("--gguf", help="a model file (default: write a synthetic one)")
-    p.add_argument("--preset", default="tiny-v2", choices=list(synthetic.PRESETS))
+    p.add_argument("--gguf", help="a model file (default: the bundled model, or --preset)")
+    p.add_argument("--preset", choices=list(synthetic.PRESETS), help="write and measure a synthetic model")
     p.add_argument("--type", default="q8_0")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
-    path = args.gguf
+    path = args.gguf or (default_model() if args.preset is None else None)
     if path is None:
         path = os.path.join(tempfile.gettempdir(), f"bench-ref-{args.preset}-{args.type}.gguf")
         if not os.path.exists(path):

@@ -42,7 +42,19 @@ def _serve_verb():
     return server
 
 
+def _train_verb():
+    from dslocal.runtime import train
+    return train
 
+
+def _export_verb():
+    from dslocal.runtime import export
+    return export
+
+
+def _quantize_verb():
+    from dslocal.quant import requantize
+    return requantize
 
 
 VERBS = {
@@ -50,6 +62,9 @@ VERBS = {
     "chat": (_chat_verb, "chat with a model in a local window (a web page on 127.0.0.1)"),
     "serve": (_serve_verb, "serve an OpenAI-compatible HTTP API on 127.0.0.1"),
     "bench": (_bench_verb, "tokens per second of a model, or --moe-only of the CPU expert kernels"),
+    "train": (_train_verb, "train a small DeepSeek-architecture model"),
+    "export": (_export_verb, "export a training checkpoint to a deepseek2 GGUF"),
+    "quantize": (_quantize_verb, "re-quantize a deepseek2 GGUF to another weight type"),
     "info": (_info_verb, "show what a deepseek2 GGUF file holds and what a token costs to read"),
     "synth": (_synth_verb, "write a random-weight deepseek2 GGUF (tiny test models, real-sized bench files)"),
 }

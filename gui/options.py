@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from dslocal.runtime.load import Loaded, RunConfig, load
+from dslocal.runtime.load import Loaded, RunConfig, default_model, load
 from dslocal.runtime.sampling import Sampling
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    # --gguf is required until the bundled default model exists; default_gguf() is where it will plug in
-    p.add_argument("--gguf", required=default_gguf() is None, default=default_gguf(), metavar="FILE",
-                   help="a deepseek2 GGUF model")
+    p.add_argument("--gguf", default=default_model(), metavar="FILE",
+                   help="a deepseek2 GGUF model (default: the small model bundled with dslocal)")
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", help="f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda)")
@@ -18,11 +17,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=Sampling.temperature,
                    help=f"default temperature (0 for greedy; default {Sampling.temperature})")
     p.add_argument("--top-p", type=float, default=Sampling.top_p, help=f"default top-p ({Sampling.top_p})")
-
-
-def default_gguf() -> str | None:
-    """The model used when no --gguf is given: none yet (the bundled model comes with its own issue)."""
-    return None
 
 
 def load_model(args: argparse.Namespace) -> Loaded:

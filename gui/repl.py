@@ -8,7 +8,7 @@ import sys
 
 from dslocal.runtime.chat import ThinkSplitter
 from dslocal.runtime.generate import ContextFull, Stats
-from dslocal.runtime.load import Loaded, RunConfig, load
+from dslocal.runtime.load import Loaded, RunConfig, default_model, load
 from dslocal.runtime.sampling import Sampling
 
 HELP = """commands:
@@ -26,7 +26,8 @@ SETTABLE = {"temperature": ("temperature", float), "top_k": ("top_k", int), "top
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gguf", required=True, metavar="FILE", help="a deepseek2 GGUF model")
+    p.add_argument("--gguf", default=default_model(), metavar="FILE",
+                   help="a deepseek2 GGUF model (default: the small model bundled with dslocal)")
     p.add_argument("--prompt", help="complete this one prompt, print only the completion and exit")
     p.add_argument("--raw", action="store_true", help="with --prompt: no chat template, plain completion")
     p.add_argument("--system", default="", help="system prompt")

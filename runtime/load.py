@@ -5,6 +5,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from importlib.resources import files
 
 import torch
 
@@ -16,6 +17,12 @@ from dslocal.runtime.tokenizer import Tokenizer
 from dslocal.runtime.weights import load_model
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def default_model() -> str:
+    """The small model that ships inside the package, used when no --gguf is given (trained by dslocal's own
+    training path; README, "The bundled model", has the command that reproduces it)."""
+    return str(files("dslocal.runtime") / "default" / "dslocal-nano-q8_0.gguf")
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,12 @@ def describe(loaded: Loaded, run: RunConfig) -> str:
     return "\n".join([
         f"model    {loaded.name}: {cfg.n_layer} layers ({cfg.n_layer - cfg.n_layer_moe} dense, {cfg.n_layer_moe} MoE), "
         f"hidden {cfg.hidden}, {cfg.n_expert} experts ({cfg.n_expert_used} active, {cfg.n_expert_shared} shared, "
-        f"{gating}), {n_params / 1e9:.2f}B parameters, loaded in {loaded.load_seconds:.1f} s",
+        f"{gating}), {_count(n_params)} parameters, loaded in {loaded.load_seconds:.1f} s",
         f"context  {e.context_length} tokens (model: {cfg.context_length}); latent cache "
         f"{e.cache.nbytes() / 2**20:.1f} MiB",
         f"runs on  attention, shared and routed experts, head: all on {where}, reference path",
     ])
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"

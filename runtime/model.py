@@ -2,6 +2,9 @@
 
 One definition serves the reference forward pass and training. It computes what llama.cpp's deepseek2
 graph computes (gguf-deepseek2.md section 4; src/models/deepseek2.cpp), in the absorbed MLA form.
+Training adds, without changing the forward pass: multi-token prediction modules (DeepSeek-V3 section 2.2),
+expert-load counting and the auxiliary-loss-free bias update, an optional sequence-wise balance loss
+(section 2.1.2), and init_weights for fresh models.
 
 Shapes: B batch, T new tokens, S cached + new tokens, D hidden, H heads, C kv_lora_rank, R rope dim,
 N qk nope dim, Vh v head dim, Q q_lora_rank, E routed experts, K experts per token, F expert ffn, V vocab.
@@ -191,6 +194,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (M, D) -> expert ids (M, K) long, weights (M, K) fp32."""
+        ids, w, _ = self.route(x)
+        return ids, w
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (M, D) -> expert ids (M, K), weights (M, K), and every expert's affinity probs (M, E)."""
         cfg = self.cfg
         logits = x.float() @ self.weight.float().t()                                   # (M, E)
         probs = logits.sigmoid() if cfg.gating == GATING_SIGMOID else logits.softmax(dim=-1)
@@ -207,7 +215,28 @@ class Router(nn.Module):
             w = w / w.sum(-1, keepdim=True).clamp_min(6.103515625e-5)
         if cfg.expert_weights_scale not in (0.0, 1.0):
             w = w * cfg.expert_weights_scale
-        return ids, w
+        return ids, w, probs
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, speed: float) -> None:
+        """Auxiliary-loss-free balancing (DeepSeek-V3 section 2.1.2): after a step, lower the selection bias
+        of each overloaded expert by `speed` and raise it for each underloaded one. load: (E,) token counts."""
+        self.bias += speed * torch.sign(load.float().mean() - load.float())
+
+
+def sequence_balance_loss(probs: torch.Tensor, ids: torch.Tensor, batch: int, k: int) -> torch.Tensor:
+    """The sequence-wise balance loss sum_i f_i P_i of DeepSeek-V3 eq. 17-19, averaged over sequences.
+
+    f_i = E / (K T) * (tokens of the sequence routed to i); P_i = mean over the sequence of the affinity
+    normalized over experts. probs (B*T, E), ids (B*T, K). Equals 1 when routing is perfectly balanced.
+    """
+    E = probs.shape[-1]
+    probs = probs.view(batch, -1, E)                                                # (B, T, E)
+    T = probs.shape[1]
+    chosen = torch.zeros_like(probs).scatter_(-1, ids.view(batch, T, -1), 1.0)     # (B, T, E)
+    f = chosen.sum(1) * E / (k * T)                                                 # (B, E)
+    p = (probs / probs.sum(-1, keepdim=True)).mean(1)                               # (B, E)
+    return (f * p).sum(-1).mean()
 
 
 class MoE(nn.Module):
@@ -223,11 +252,22 @@ class MoE(nn.Module):
         self.shared = MLP(D, F * cfg.n_expert_shared) if cfg.n_expert_shared else None
         self.act_gate_up: str | None = None   # activation rounding for the routed experts' products
         self.act_down: str | None = None
+        # Training only: tokens routed to each expert (E,) since the trainer last reset it to None, and the
+        # balance loss of the last forward (computed when balance_loss is True).
+        self.load: torch.Tensor | None = None
+        self.balance_loss = False
+        self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                                   # (M, D)
-        ids, w = self.router(x)
+        ids, w, probs = self.router.route(x)
+        if self.training:
+            counts = torch.bincount(ids.flatten(), minlength=self.router.weight.shape[0]).float()
+            self.load = counts if self.load is None else self.load + counts
+            if self.balance_loss:
+                self.aux_loss = sequence_balance_loss(probs, ids, shape[0] if len(shape) == 3 else 1,
+                                                      ids.shape[1])
         y = routed_experts(x, ids, w, self.w_gate, self.w_up, self.w_down, self.act_gate_up, self.act_down)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -261,27 +301,91 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+class MTP(nn.Module):
+    """One multi-token prediction depth (DeepSeek-V3 section 2.2; GGUF blk.M.nextn.*): combine the previous
+    depth's hidden state at i with the embedding of token i+k, run one more block; the embedding and the
+    output head are the main model's."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.hnorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.eh_proj = Linear(2 * cfg.hidden, cfg.hidden)
+        self.block = Block(cfg, layer)
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)    # shared_head_norm, before the shared head
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos, sin) -> torch.Tensor:
+        """h (B, T, D) previous depth's hidden state, emb (B, T, D) embeddings of the tokens k ahead."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))        # (B, T, D)
+        return self.block(x, cos, sin, None, 0)
+
+
 class DeepSeek(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mtp: bool = False):
+        """mtp: also build the cfg.n_mtp multi-token prediction modules (training; inference skips them)."""
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.head = Linear(cfg.hidden, cfg.vocab_size)
+        if mtp and cfg.n_mtp:
+            self.mtp = nn.ModuleList(MTP(cfg, cfg.n_layer + k) for k in range(cfg.n_mtp))
         self.register_buffer("rope_freq", rope_frequencies(cfg), persistent=False)
+
+    def rope(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, R/2) of positions start..start+T-1."""
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float64)
+        angle = pos[:, None] * self.rope_freq.to(device, torch.float64)[None, :]   # (T, R/2)
+        return angle.cos().float(), angle.sin().float()
 
     def forward(self, tokens: torch.Tensor, cache: LatentCache | None = None, start: int = 0) -> torch.Tensor:
         """tokens (B, T) at positions start.. -> logits (B, T, V) fp32; appends to the cache if given."""
+        return self.head(self.norm(self.hidden(tokens, cache, start))).float()
+
+    def hidden(self, tokens: torch.Tensor, cache: LatentCache | None = None, start: int = 0) -> torch.Tensor:
+        """tokens (B, T) -> the last block's output (B, T, D), before the final norm."""
         T = tokens.shape[1]
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"{start + T} tokens do not fit the cache of {cache.max_len}")
-        pos = torch.arange(start, start + T, device=tokens.device, dtype=torch.float64)
-        angle = pos[:, None] * self.rope_freq.to(tokens.device, torch.float64)[None, :]   # (T, R/2)
-        cos, sin = angle.cos().float(), angle.sin().float()
+        cos, sin = self.rope(start, T, tokens.device)
         x = self.embed(tokens)
         for block in self.layers:
             x = block(x, cos, sin, cache, start)
         if cache is not None:
             cache.length = start + T
-        return self.head(self.norm(x)).float()
+        return x
+
+    def forward_train(self, window: torch.Tensor) -> list[torch.Tensor]:
+        """window (B, T + 1 + n_mtp) -> logits (B, T, V) for the main head, then one per MTP depth k = 1..,
+        which at position i predicts window[:, i + 1 + k] (DeepSeek-V3 section 2.2, the causal chain)."""
+        n_mtp = len(self.mtp) if hasattr(self, "mtp") else 0
+        T = window.shape[1] - 1 - n_mtp
+        h = self.hidden(window[:, :T])
+        out = [self.head(self.norm(h)).float()]
+        if n_mtp:
+            cos, sin = self.rope(0, T, window.device)
+            for k, module in enumerate(self.mtp, start=1):
+                h = module(h, self.embed(window[:, k:k + T]), cos, sin)
+                out.append(self.head(module.norm(h)).float())
+        return out
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE feed-forwards of the main layers and the MTP modules, in order."""
+        blocks = list(self.layers) + ([m.block for m in self.mtp] if hasattr(self, "mtp") else [])
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+
+@torch.no_grad()
+def init_weights(model: DeepSeek, std: float = 0.02) -> None:
+    """Fresh weights (GPT-2's scheme): N(0, std) for every matrix, std / sqrt(2 n_layer) for the projections
+    that write into the residual stream, norms 1, selection biases 0."""
+    resid = std / math.sqrt(2 * model.cfg.n_layer)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim == 1:
+            p.fill_(0.0 if leaf == "bias" else 1.0)
+        elif name.endswith(("wo.weight", "w_down.weight", "ffn.w_down")):
+            p.normal_(0.0, resid)
+        else:
+            p.normal_(0.0, std)

@@ -45,3 +45,7 @@ def test_fresh_install_runs_info(tmp_path):
     r = subprocess.run([dslocal, "run", "--gguf", "m.gguf", "--prompt", "Hello", "--max-tokens", "4",
                         "--temperature", "0"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    # no --gguf: the bundled model, which must be inside the wheel
+    r = subprocess.run([dslocal, "run", "--prompt", "What is 23 + 45?", "--temperature", "0"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "23 + 45 = 68.", (r.stdout, r.stderr)
