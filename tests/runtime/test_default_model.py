@@ -1,7 +1,18 @@
 """The model bundled with the package loads and answers held-out arithmetic (pairs never trained on)."""
 import os
 
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+
+from dslocal.gui import cli
+from dslocal.quant.gguf_file import open_gguf
 from dslocal.runtime import data
+from dslocal.runtime.config import read_config
+from dslocal.runtime.model import LatentCache
+from dslocal.runtime.tokenizer import Tokenizer
+from dslocal.runtime.weights import load_model
 from dslocal.runtime.load import RunConfig, default_model, load
 from dslocal.runtime.sampling import Sampling
 
@@ -21,3 +32,36 @@ def test_bundled_model_answers_held_out_additions():
         if text.strip() != f"{a} + {b} = {answer}.":
             wrong.append((question, text))
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize("ftype", ["q8_0", "q4_k"])
+def test_bundled_model_greedy_output_equals_llama_cpp(tmp_path, ftype):
+    """A trained model has decisive logits, so quantized greedy output must match llama.cpp token for token
+    (on random models near ties make this ill-posed: see tests/runtime/test_vs_llama_cpp.py)."""
+    path = default_model()
+    if ftype != "q8_0":
+        path = str(tmp_path / f"nano-{ftype}.gguf")
+        assert cli.main(["quantize", default_model(), path, "--type", ftype]) == 0
+    with open_gguf(path) as f:
+        cfg = read_config(f)
+        model = load_model(f, cfg, like_llama_cpp=True)
+        tok = Tokenizer.from_gguf(f)
+    ref = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+    try:
+        for text in ["Once upon a time, Mia the", "What is 12 + 34?", "Sam has 40 coins. Sam gets 17 more"]:
+            prompt = tok.encode(text)
+            ref.reset()
+            want = list(prompt)
+            ref.eval(want)
+            for _ in range(32):
+                want.append(int(np.argmax(ref.scores[ref.n_tokens - 1])))
+                ref.eval([want[-1]])
+            got, cache = list(prompt), LatentCache(cfg, 1, 256, torch.float32, "cpu")
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt]), cache, 0)[0, -1]
+                for _ in range(32):
+                    got.append(int(logits.argmax()))
+                    logits = model(torch.tensor([[got[-1]]]), cache, len(got) - 1)[0, -1]
+            assert got == want, (text, tok.decode(got[len(prompt):]), tok.decode(want[len(prompt):]))
+    finally:
+        ref.close()
