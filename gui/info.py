@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections import defaultdict
 
 from dslocal.quant.ggml import SUPPORTED
+from dslocal.offload.planner import Budget, Hardware, ModelShape, format_plan, parse_size, plan
 from dslocal.quant.gguf_file import GGUFFile, open_gguf
 from dslocal.runtime.config import ModelConfig, check_tensors, read_config
 
@@ -116,13 +118,40 @@ def format_text(d: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a deepseek2 GGUF file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--gpu-memory", metavar="SIZE",
+                   help="show the placement plan for this GPU budget: 12GiB or 12G (2^30 bytes), 12GB (10^9)")
+    p.add_argument("--ctx", type=int, default=4096, help="context tokens the plan holds KV cache for (4096, at most the model's)")
+    p.add_argument("--cpu-only", action="store_true", help="show the plan with everything on the CPU")
+    p.add_argument("--gpu-experts", type=int, metavar="N", help="plan exactly N routed experts per layer on the GPU")
+
+
+def _budget(args: argparse.Namespace) -> Budget | None:
+    """The plan's budget from the flags, or None when no plan was asked for."""
+    if args.gpu_memory is None and not args.cpu_only:
+        if args.gpu_experts is not None:
+            raise ValueError("--gpu-experts needs --gpu-memory")
+        return None
+    gpu_bytes = 0 if args.gpu_memory is None else parse_size(args.gpu_memory)
+    return Budget(gpu_bytes=gpu_bytes, context=args.ctx, cpu_only=args.cpu_only, gpu_experts=args.gpu_experts)
 
 
 def run(args: argparse.Namespace) -> int:
+    budget = _budget(args)   # a bad size is refused before the file is read
+    placement = None
     with open_gguf(args.file) as f:
         try:
             d = describe(f)
+            if budget is not None:
+                # `info` plans for the budget given and does not look at this machine's GPU (no torch import)
+                cfg = read_config(f)
+                budget = dataclasses.replace(budget, context=min(budget.context, cfg.context_length))
+                placement = plan(ModelShape.from_gguf(f, cfg), Hardware(), budget)
         except ValueError as e:
             raise type(e)(f"{args.file}: {e}") from None
-    print(json.dumps(d, indent=2) if args.json else format_text(d))
+    if args.json:
+        if placement is not None:
+            d["plan"] = dataclasses.asdict(placement)
+        print(json.dumps(d, indent=2))
+    else:
+        print(format_text(d) + ("\n" + format_plan(placement) if placement is not None else ""))
     return 0
