@@ -18,3 +18,37 @@ def tiny_gguf(tmp_path_factory):
             cache[key] = path
         return cache[key]
     return make
+
+
+class Greedy:
+    """Argmax continuations, written once: from dslocal's model over its latent cache, and from llama.cpp."""
+
+    @staticmethod
+    def dslocal(model, cfg, prompt: list[int], n: int) -> list[int]:
+        import torch
+        from dslocal.runtime.model import LatentCache
+        cache, seq = LatentCache(cfg, 1, len(prompt) + n, torch.float32, "cpu"), list(prompt)
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]), cache, 0)[0, -1]
+            for _ in range(n):
+                seq.append(int(logits.argmax()))
+                if len(seq) < len(prompt) + n:
+                    logits = model(torch.tensor([[seq[-1]]]), cache, len(seq) - 1)[0, -1]
+        return seq[len(prompt):]
+
+    @staticmethod
+    def llama(ref, prompt: list[int], n: int):
+        """llama.cpp's continuation, and its logits (n, V) at each step that chose a token."""
+        import numpy as np
+        ref.reset()
+        seq = list(prompt)
+        ref.eval(seq)
+        for _ in range(n):
+            seq.append(int(np.argmax(ref.scores[ref.n_tokens - 1])))
+            ref.eval([seq[-1]])
+        return seq[len(prompt):], np.array(ref.scores[len(prompt) - 1:len(seq) - 1])
+
+
+@pytest.fixture(scope="session")
+def greedy():
+    return Greedy

@@ -11,8 +11,6 @@ from dslocal.gui import cli
 from dslocal.quant.ggml import GGMLType
 from dslocal.quant.gguf_file import open_gguf
 from dslocal.quant.gguf_writer import TensorData, write_gguf
-from dslocal.runtime.config import config_metadata
-from dslocal.quant import synthetic
 
 
 def _info(capsys, path):

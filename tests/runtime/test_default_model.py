@@ -2,15 +2,12 @@
 import os
 
 import llama_cpp
-import numpy as np
 import pytest
-import torch
 
 from dslocal.gui import cli
 from dslocal.quant.gguf_file import open_gguf
 from dslocal.runtime import data
 from dslocal.runtime.config import read_config
-from dslocal.runtime.model import LatentCache
 from dslocal.runtime.tokenizer import Tokenizer
 from dslocal.runtime.weights import load_model
 from dslocal.runtime.load import RunConfig, default_model, load
@@ -35,7 +32,7 @@ def test_bundled_model_answers_held_out_additions():
 
 
 @pytest.mark.parametrize("ftype", ["q8_0", "q4_k"])
-def test_bundled_model_greedy_output_equals_llama_cpp(tmp_path, ftype):
+def test_bundled_model_greedy_output_equals_llama_cpp(tmp_path, greedy, ftype):
     """A trained model has decisive logits, so quantized greedy output must match llama.cpp token for token
     (on random models near ties make this ill-posed: see tests/runtime/test_vs_llama_cpp.py)."""
     path = default_model()
@@ -50,18 +47,8 @@ def test_bundled_model_greedy_output_equals_llama_cpp(tmp_path, ftype):
     try:
         for text in ["Once upon a time, Mia the", "What is 12 + 34?", "Sam has 40 coins. Sam gets 17 more"]:
             prompt = tok.encode(text)
-            ref.reset()
-            want = list(prompt)
-            ref.eval(want)
-            for _ in range(32):
-                want.append(int(np.argmax(ref.scores[ref.n_tokens - 1])))
-                ref.eval([want[-1]])
-            got, cache = list(prompt), LatentCache(cfg, 1, 256, torch.float32, "cpu")
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt]), cache, 0)[0, -1]
-                for _ in range(32):
-                    got.append(int(logits.argmax()))
-                    logits = model(torch.tensor([[got[-1]]]), cache, len(got) - 1)[0, -1]
-            assert got == want, (text, tok.decode(got[len(prompt):]), tok.decode(want[len(prompt):]))
+            want, _ = greedy.llama(ref, prompt, 32)
+            got = greedy.dslocal(model, cfg, prompt, 32)
+            assert got == want, (text, tok.decode(got), tok.decode(want))
     finally:
         ref.close()

@@ -15,7 +15,7 @@ from dslocal.quant.gguf_file import open_gguf
 from dslocal.runtime import data, export, train
 from dslocal.runtime.chat import ChatTemplate
 from dslocal.runtime.config import read_config
-from dslocal.runtime.model import DeepSeek, LatentCache
+from dslocal.runtime.model import DeepSeek
 from dslocal.runtime.tokenizer import Tokenizer
 from dslocal.runtime.weights import load_model
 
@@ -132,28 +132,8 @@ def test_llama_cpp_tokenizes_like_dslocal_and_sentencepiece(trained, llamas):
     assert tok.token_to_id("<｜User｜>") in ids and tok.token_to_id("<｜Assistant｜>") in ids
 
 
-def _our_greedy(model, cfg, prompt, n):
-    cache, seq = LatentCache(cfg, 1, 256, torch.float32, "cpu"), list(prompt)
-    with torch.no_grad():
-        logits = model(torch.tensor([seq]), cache, 0)[0, -1]
-        for _ in range(n):
-            seq.append(int(logits.argmax()))
-            logits = model(torch.tensor([[seq[-1]]]), cache, len(seq) - 1)[0, -1]
-    return seq[len(prompt):]
-
-
-def _llama_greedy(ref, prompt, n):
-    ref.reset()
-    seq = list(prompt)
-    ref.eval(seq)
-    for _ in range(n):
-        seq.append(int(np.argmax(ref.scores[ref.n_tokens - 1])))
-        ref.eval([seq[-1]])
-    return seq[len(prompt):]
-
-
 @pytest.mark.parametrize("ftype", ["f32", "q8_0"])
-def test_llama_cpp_greedy_continuation_is_identical(trained, llamas, ftype):
+def test_llama_cpp_greedy_continuation_is_identical(trained, llamas, greedy, ftype):
     path = trained["files"][ftype]
     with open_gguf(path) as f:
         cfg = read_config(f)
@@ -163,6 +143,6 @@ def test_llama_cpp_greedy_continuation_is_identical(trained, llamas, ftype):
     prompts = ["Once upon a time, Leo the", "45 + 21 = 66.\n13 + 50 =", "Tom has 12 apples.", "The"]
     for text in prompts:
         ids = tok.encode(text)
-        ours, want = _our_greedy(model, cfg, ids, 24), _llama_greedy(ref, ids, 24)
+        ours, want = greedy.dslocal(model, cfg, ids, 24), greedy.llama(ref, ids, 24)[0]
         print(f"{ftype} {text!r} -> {tok.decode(ours)!r}")
         assert ours == want, (text, tok.decode(ours), tok.decode(want))

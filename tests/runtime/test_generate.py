@@ -21,27 +21,14 @@ def _run(engine, prompt, s):
     return "".join(p.text for p in pieces), pieces[-1]
 
 
-def _greedy_by_hand(engine, prompt, n):
-    """Argmax decoding straight from the model, without the engine."""
-    from dslocal.runtime.model import LatentCache
-    cache = LatentCache(engine.cfg, 1, 64, torch.float32, "cpu")
-    out = []
-    with torch.no_grad():
-        logits = engine.model(torch.tensor([prompt]), cache, 0)[0, -1]
-        for i in range(n):
-            out.append(int(logits.argmax()))
-            logits = engine.model(torch.tensor([[out[-1]]]), cache, len(prompt) + i)[0, -1]
-    return out
-
-
-def test_greedy_stream_is_the_argmax_path(loaded):
+def test_greedy_stream_is_the_argmax_path(loaded, greedy):
     e = loaded.engine
     prompt = e.tokenizer.encode("The quick brown fox")
     e.reset()
     pieces = list(e.generate(prompt, GREEDY))
     tokens = [p.token for p in pieces if p.token is not None]
     assert pieces[-1].finish in ("length", "eos")
-    want = _greedy_by_hand(e, prompt, pieces[-1].stats.generated_tokens)
+    want = greedy.dslocal(e.model, e.cfg, prompt, pieces[-1].stats.generated_tokens)
     # pieces hold back incomplete characters, so compare the decoded text and the ids that were shown
     assert "".join(p.text for p in pieces) == e.tokenizer.decode(want)
     assert set(tokens) <= set(want)
@@ -85,10 +72,10 @@ def test_max_tokens_stop_strings_and_context(loaded):
         list(e.generate(list(range(10, 80)), GREEDY))
 
 
-def test_end_of_turn_token_ends_the_answer(loaded):
+def test_end_of_turn_token_ends_the_answer(loaded, greedy):
     e = loaded.engine
     prompt = e.tokenizer.encode("Hello")
-    first = _greedy_by_hand(e, prompt, 3)[2]
+    first = greedy.dslocal(e.model, e.cfg, prompt, 3)[2]
     saved = e.tokenizer.eot_ids
     e.tokenizer.eot_ids = frozenset(saved) | {first}
     try:

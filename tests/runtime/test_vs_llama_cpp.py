@@ -35,17 +35,6 @@ def _rel_err(a, b):
     return np.abs(a - b).max(-1) / np.abs(b).max(-1)
 
 
-def _llama_greedy(ref, prompt, n=32):
-    """llama.cpp's greedy continuation and its logits at every step (T, V)."""
-    ref.reset()
-    seq = list(prompt)
-    ref.eval(seq)
-    for _ in range(n):
-        seq.append(int(np.argmax(ref.scores[ref.n_tokens - 1])))
-        ref.eval([seq[-1]])
-    return seq, np.array(ref.scores[len(prompt) - 1:len(seq) - 1])
-
-
 @pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
 def test_f32_logits_prefill_and_decode(tiny_gguf, preset):
     cfg, ours, ref = _models(tiny_gguf(preset, "f32"), type_k=0, type_v=0)
@@ -68,20 +57,15 @@ def test_f32_logits_prefill_and_decode(tiny_gguf, preset):
 
 
 @pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
-def test_f32_greedy_continuation_is_identical(tiny_gguf, preset):
+def test_f32_greedy_continuation_is_identical(tiny_gguf, greedy, preset):
     # llama.cpp with its default F16 KV cache, as a user runs it
     cfg, ours, ref = _models(tiny_gguf(preset, "f32"))
     try:
         for text in PROMPTS:
             prompt = ref.tokenize(text, add_bos=True)
-            want, _ = _llama_greedy(ref, prompt)
-            cache, got = LatentCache(cfg, 1, 128, torch.float32, "cpu"), list(prompt)
-            with torch.no_grad():
-                logits = ours(torch.tensor([prompt]), cache, 0)[0, -1]
-                for _ in range(32):
-                    got.append(int(logits.argmax()))
-                    logits = ours(torch.tensor([[got[-1]]]), cache, len(got) - 1)[0, -1]
-            assert got == want, (text, got[len(prompt):], want[len(prompt):])
+            want, _ = greedy.llama(ref, prompt, 32)
+            got = greedy.dslocal(ours, cfg, prompt, 32)
+            assert got == want, (text, got, want)
     finally:
         ref.close()
 
@@ -109,13 +93,14 @@ def test_quantized_single_tokens_match_to_fp32_noise(tiny_gguf, preset, ftype):
 
 @pytest.mark.parametrize("preset,ftype", [("tiny-v2", "q8_0"), ("tiny-v3", "q8_0"), ("tiny-v2", "q4_k"),
                                           ("tiny-v3", "q4_k_m")])
-def test_quantized_greedy_choices_match_except_near_ties(tiny_gguf, preset, ftype):
+def test_quantized_greedy_choices_match_except_near_ties(tiny_gguf, greedy, preset, ftype):
     cfg, ours, ref = _models(tiny_gguf(preset, ftype), type_k=0, type_v=0)
     try:
         agree, steps, worst_gap = 0, 0, 0.0
         for text in PROMPTS:
             prompt = ref.tokenize(text, add_bos=True)
-            seq, want = _llama_greedy(ref, prompt)
+            cont, want = greedy.llama(ref, prompt, 32)
+            seq = prompt + cont
             with torch.no_grad():
                 got = ours(torch.tensor([seq[:-1]]))[0, len(prompt) - 1:].numpy()
             top2 = np.sort(want, -1)[:, -2:]
