@@ -15,6 +15,7 @@ import torch
 from dslocal.runtime.config import ModelConfig
 from dslocal.runtime.model import DeepSeek, LatentCache
 from dslocal.runtime.sampling import Sampling, sample
+from dslocal.runtime.tokenizer import IncrementalDecoder
 
 
 class ContextFull(ValueError):
@@ -94,18 +95,23 @@ class Engine:
 
         out: list[int] = []
         text = text_sent = ""
+        decoder = IncrementalDecoder(self.tokenizer)   # complete characters only, O(1) per token
+        longest_stop = max((len(x) for x in s.stop), default=0)
         stop_at = self.tokenizer.eot_ids
         t0 = time.perf_counter()
         finish = None
         while finish is None:
-            token = sample(logits, s, prompt + out, gen)
+            recent = (prompt + out)[-s.repeat_last_n:] if s.repetition_penalty != 1.0 else []
+            token = sample(logits, s, recent, gen)
             if token in stop_at:
                 finish = "eos"
                 break
             out.append(token)
             stats.generated_tokens = len(out)
-            text = self.tokenizer.decode(out)
-            cut = _first_stop(text, s.stop)
+            new = decoder.push(token)
+            # a stop string can only have been completed by the new text
+            cut = _first_stop(text + new, s.stop, max(0, len(text) - longest_stop + 1))
+            text += new
             if cut is not None:
                 text, finish = text[:cut], "stop"
             elif len(out) >= s.max_tokens:
@@ -121,21 +127,20 @@ class Engine:
             if finish is None:
                 logits = self._forward([token], len(self.cached))
                 self.cached.append(token)
+        if finish != "stop":
+            text += decoder.flush()                   # bytes of a character that never completed
         stats.decode_seconds = time.perf_counter() - t0
         yield Piece(text[len(text_sent):], None, finish, stats)   # what was held back, if anything
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(x) for x in stops if x) if i >= 0]
+def _first_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    hits = [i for i in (text.find(x, start) for x in stops if x) if i >= 0]
     return min(hits) if hits else None
 
 
 def _safe_end(text: str, stops: tuple[str, ...]) -> int:
-    """How much of text can be shown: not a trailing replacement character (a character whose bytes are
-    still arriving), nor a tail that could grow into a stop string."""
+    """How much of text can be shown: not a tail that could grow into a stop string."""
     end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
     for x in stops:
         for k in range(min(len(x) - 1, end), 0, -1):
             if text[:end].endswith(x[:k]):
