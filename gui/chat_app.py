@@ -16,7 +16,7 @@ import tempfile
 import time
 import webbrowser
 
-from dslocal.gui.options import add_model_arguments, default_sampling, load_model
+from dslocal.gui.options import add_model_arguments, add_sampling_defaults, default_sampling, load_model
 from dslocal.gui.store import Store, to_json, to_markdown
 from dslocal.gui.worker import Job, QueueFull, Worker
 from dslocal.runtime.chat import ChatTemplateError, ThinkSplitter
@@ -31,6 +31,7 @@ CSS = "#status {font-size: 0.85em; opacity: 0.8} footer {display: none !importan
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_sampling_defaults(p)
     p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default 7860)")
     p.add_argument("--no-browser", action="store_true", help="do not open a window; just print the address")
     p.add_argument("--max-tokens", type=int, default=1024, help="default answer length limit (default 1024)")

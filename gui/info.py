@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 
 from dslocal.quant.ggml import SUPPORTED
+from dslocal.offload import hotness
 from dslocal.offload.planner import Budget, Hardware, ModelShape, format_plan, parse_size, plan
 from dslocal.quant.gguf_file import GGUFFile, open_gguf
 from dslocal.runtime.config import ModelConfig, check_tensors, read_config
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
                 # `info` plans for the budget given and does not look at this machine's GPU (no torch import)
                 cfg = read_config(f)
                 budget = dataclasses.replace(budget, context=min(budget.context, cfg.context_length))
+                budget = dataclasses.replace(budget, hotness=hotness.for_model(args.file, cfg))
                 placement = plan(ModelShape.from_gguf(f, cfg), Hardware(), budget)
         except ValueError as e:
             raise type(e)(f"{args.file}: {e}") from None

@@ -8,7 +8,8 @@ import sys
 
 from dslocal.runtime.chat import ThinkSplitter
 from dslocal.runtime.generate import ContextFull, Stats
-from dslocal.runtime.load import Loaded, RunConfig, default_model, load
+from dslocal.gui.options import add_model_arguments, load_model
+from dslocal.runtime.load import Loaded
 from dslocal.runtime.sampling import Sampling
 
 HELP = """commands:
@@ -26,8 +27,7 @@ SETTABLE = {"temperature": ("temperature", float), "top_k": ("top_k", int), "top
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gguf", default=default_model(), metavar="FILE",
-                   help="a deepseek2 GGUF model (default: the small model bundled with dslocal)")
+    add_model_arguments(p)
     p.add_argument("--prompt", help="complete this one prompt, print only the completion and exit")
     p.add_argument("--raw", action="store_true", help="with --prompt: no chat template, plain completion")
     p.add_argument("--system", default="", help="system prompt")
@@ -38,17 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=Sampling.min_p)
     p.add_argument("--repeat-penalty", type=float, default=Sampling.repetition_penalty)
     p.add_argument("--seed", type=int)
-    p.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda)")
-    p.add_argument("--threads", type=int, help="CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                         repetition_penalty=args.repeat_penalty, seed=args.seed,
                         max_tokens=args.max_tokens).check()
-    loaded = load(args.gguf, RunConfig(args.device, args.dtype, args.ctx, args.threads))
+    loaded = load_model(args)
     if args.prompt is not None:
         return _complete_once(loaded, args, sampling)
     return Repl(loaded, sampling, args.system).loop()

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from dslocal.gui.options import add_model_arguments, default_sampling, load_model
+from dslocal.gui.options import add_model_arguments, add_sampling_defaults, default_sampling, load_model
 from dslocal.gui.worker import Job, QueueFull, Worker
 from dslocal.runtime.chat import ChatTemplateError, ThinkSplitter
 from dslocal.runtime.load import Loaded
@@ -33,6 +33,7 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_sampling_defaults(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),

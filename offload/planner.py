@@ -18,9 +18,11 @@ Items 2-4 form one ranked list and the GPU takes its longest prefix that fits. S
 not fit to take a smaller later one would use a few more bytes, but then a larger budget could push an
 earlier item out again; a prefix guarantees that more budget never moves anything to the CPU.
 
-GPU bytes: Q4_K, Q6_K and Q8_0 have GPU kernels and keep their GGUF size there, as do F32 (routers and
-norms run in fp32), F16 and BF16; every other type (Q5_0, Q2_K, IQ..) is dequantized to bf16 at load and
-costs 2 bytes per value on the GPU. The CPU always holds the GGUF bytes.
+GPU bytes: routed experts in Q4_K, Q6_K and Q8_0 have GPU kernels (kernels/gpu/moe.py) and keep their GGUF
+size there, as do F16 and BF16; routed experts of every other type (Q5_0, Q2_K, IQ..) are dequantized to
+bf16 at load and cost 2 bytes per value. Everything else (attention, shared experts, dense layers, head,
+embedding) is dequantized at load: 2 bytes per value, 4 for the vectors and routers kept in fp32
+(offload/hybrid.py). The CPU always holds the GGUF bytes.
 """
 from __future__ import annotations
 
@@ -45,8 +47,14 @@ class PlanError(ValueError):
 
 
 def gpu_bytes(ggml_type: GGMLType, n_values: int, nbytes: int) -> int:
-    """Bytes of a tensor on the GPU: its GGUF size for types with GPU kernels, else bf16."""
+    """Bytes of a routed expert tensor on the GPU: its GGUF size for types with GPU kernels, else bf16."""
     return nbytes if ggml_type in KEEP_ON_GPU else 2 * n_values
+
+
+def dense_gpu_bytes(name: str, n_dims: int, n_values: int) -> int:
+    """Bytes of any other tensor on the GPU: dequantized to bf16, or fp32 for norms, biases and routers."""
+    fp32 = n_dims == 1 or name.endswith("ffn_gate_inp.weight")
+    return (4 if fp32 else 2) * n_values
 
 
 @dataclass(frozen=True)
@@ -98,9 +106,12 @@ class ModelShape:
             part, n_values, nbytes = spec.part, t.n_values, t.nbytes
             if part == "routed":
                 part, n_values, nbytes = "expert", n_values // cfg.n_expert, nbytes // cfg.n_expert
-            elif part == "norm":
+                on_gpu = gpu_bytes(t.ggml_type, n_values, nbytes)
+            else:
+                on_gpu = dense_gpu_bytes(spec.name, len(t.shape), n_values)
+            if part == "norm":
                 part = "attn" if layer >= 0 else "head"   # output_norm goes with the head
-            parts[layer, part] += Size(nbytes, gpu_bytes(t.ggml_type, n_values, nbytes))
+            parts[layer, part] += Size(nbytes, on_gpu)
         if "output.weight" not in tensors:   # tied head: token_embd serves both, counted once
             parts[-1, "head"] += parts.pop((-1, "embed"), ZERO)
         layers = tuple(LayerShape(*(parts[i, p] for p in ("attn", "router", "shared", "dense", "expert")),

@@ -72,7 +72,8 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        return self.model(ids, self.cache, start)[0, -1]
+        h = self.model.hidden(ids, self.cache, start)[:, -1:]     # (1, 1, D): only the last token's logits
+        return self.model.head(self.model.norm(h)).float()[0, -1]
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], s: Sampling) -> Iterator[Piece]:

@@ -11,6 +11,7 @@ import torch
 
 from dslocal.quant.gguf_file import GGUFError, open_gguf
 from dslocal.runtime.chat import ChatTemplate
+from dslocal.offload.planner import Placement
 from dslocal.runtime.config import GATING_SIGMOID, ModelConfig, read_config
 from dslocal.runtime.generate import Engine
 from dslocal.runtime.tokenizer import Tokenizer
@@ -28,15 +29,25 @@ def default_model() -> str:
 @dataclass(frozen=True)
 class RunConfig:
     """User settings for running a model (the model's own settings are in ModelConfig)."""
-    device: str = "cpu"
+    device: str = "auto"       # cpu | cuda | cuda:N | auto (cuda when torch sees a GPU)
     dtype: str = "auto"        # f32 | bf16 | f16 | auto (f32 on the CPU, bf16 on a GPU)
     context: int = 4096        # tokens the cache holds (at most the model's context_length)
     threads: int | None = None  # torch CPU threads (default: torch's choice)
-    like_llama_cpp: bool = True  # round activations as llama.cpp's CPU backend does (runtime.model)
+    gpu_memory: str | None = None   # GPU budget, e.g. "12GiB" (default: free GPU memory minus a margin)
+    cpu_only: bool = False          # everything on the CPU even with a GPU
+    gpu_experts: int | None = None  # exactly N routed experts per MoE layer on the GPU
+    expert_threads: int | None = None   # CPU expert threads (default: the physical cores)
+    reference: bool = False    # the reference path: every weight dequantized, plain torch (runtime/model.py)
+    like_llama_cpp: bool = True  # reference path: round activations as llama.cpp's CPU backend does
+
+    def torch_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() and not self.cpu_only else "cpu"
+        return self.device
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.float32 if self.device == "cpu" else torch.bfloat16
+            return torch.float32 if self.torch_device() == "cpu" else torch.bfloat16
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}")
         return DTYPES[self.dtype]
@@ -49,30 +60,42 @@ class Loaded:
     template: ChatTemplate
     name: str
     load_seconds: float
+    placement: Placement | None = None   # None on the reference path
 
 
 def load(path: str, run: RunConfig, log=sys.stderr) -> Loaded:
-    """Open, check and load a deepseek2 GGUF for the reference runtime; a bad file or setting raises with
-    a sentence for the user (GGUFError, ValueError)."""
-    if run.device.startswith("cuda") and not torch.cuda.is_available():
+    """Open, check, place and load a deepseek2 GGUF; a bad file or setting raises with a sentence for the
+    user (GGUFError, ValueError and its subclass PlanError) before anything large is loaded."""
+    device = run.torch_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but torch sees no CUDA GPU (is this a CPU build of torch?)")
+    if device.startswith("cuda") and run.cpu_only:
+        raise ValueError("--cpu-only and --device cuda contradict each other; give one of them")
     if run.context < 16:
         raise ValueError("--ctx must be at least 16 tokens")
     if run.threads:
         torch.set_num_threads(run.threads)
     t0 = time.perf_counter()
-    with open_gguf(path) as f:
+    placement = None
+    with open_gguf(path) as f:     # closing keeps the memory map alive while the CPU experts view it
         try:
             cfg = read_config(f)
             tokenizer = Tokenizer.from_gguf(f)
             template = ChatTemplate.from_gguf(f)
-            model = load_model(f, cfg, run.torch_dtype(), run.device, run.like_llama_cpp)
+            context = min(run.context, cfg.context_length)
+            if run.reference:
+                model = load_model(f, cfg, run.torch_dtype(), device, run.like_llama_cpp)
+            else:
+                from dslocal.offload.place import Placing, load_placed
+                placing = Placing(device, run.torch_dtype(), context, run.gpu_memory, run.cpu_only,
+                                  run.gpu_experts, run.expert_threads)
+                model, placement = load_placed(path, f, cfg, placing, log)
         except GGUFError as e:
             raise GGUFError(f"{path}: {e}") from None
-    context = min(run.context, cfg.context_length)
-    engine = Engine(model, cfg, tokenizer, context, run.device,
+    engine = Engine(model, cfg, tokenizer, context, device,
                     torch.float32 if run.torch_dtype() == torch.float32 else run.torch_dtype())
-    loaded = Loaded(engine, cfg, template, cfg.name or os.path.basename(path), time.perf_counter() - t0)
+    loaded = Loaded(engine, cfg, template, cfg.name or os.path.basename(path), time.perf_counter() - t0,
+                    placement)
     print(describe(loaded, run), file=log)
     return loaded
 
@@ -81,15 +104,27 @@ def describe(loaded: Loaded, run: RunConfig) -> str:
     """The resolved configuration and where each part runs, in a few lines."""
     cfg, e = loaded.cfg, loaded.engine
     n_params = sum(p.numel() for p in e.model.parameters())
+    if loaded.placement is not None:     # routed experts are blocks of the file, not parameters
+        n_params += cfg.n_layer_moe * cfg.n_expert * 3 * cfg.hidden * cfg.expert_ffn
     gating = "sigmoid" if cfg.gating == GATING_SIGMOID else "softmax"
-    where = f"{run.device} ({str(run.torch_dtype()).removeprefix('torch.')})"
+    where = f"{run.torch_device()} ({str(run.torch_dtype()).removeprefix('torch.')})"
+    if loaded.placement is None:
+        runs_on = f"attention, shared and routed experts, head: all on {where}, reference path"
+    elif loaded.placement.budget_bytes == 0:
+        runs_on = f"attention on {where}, routed experts on CPU threads from the file's blocks"
+    else:
+        p = loaded.placement
+        n_gpu = sum(len(lp.gpu_experts) for lp in p.layers)
+        n_all = sum(lp.n_expert for lp in p.layers)
+        runs_on = (f"attention and shared experts on {where}; routed experts: {n_gpu} of {n_all} on the GPU, "
+                   f"the rest on CPU threads (~{p.cpu_expert_bytes_per_token / 1e9:.2f} GB read per token)")
     return "\n".join([
         f"model    {loaded.name}: {cfg.n_layer} layers ({cfg.n_layer - cfg.n_layer_moe} dense, {cfg.n_layer_moe} MoE), "
         f"hidden {cfg.hidden}, {cfg.n_expert} experts ({cfg.n_expert_used} active, {cfg.n_expert_shared} shared, "
         f"{gating}), {_count(n_params)} parameters, loaded in {loaded.load_seconds:.1f} s",
         f"context  {e.context_length} tokens (model: {cfg.context_length}); latent cache "
         f"{e.cache.nbytes() / 2**20:.1f} MiB",
-        f"runs on  attention, shared and routed experts, head: all on {where}, reference path",
+        f"runs on  {runs_on}",
     ])
 
 

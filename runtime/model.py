@@ -102,6 +102,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
+DECODE_TOKENS = 4   # new tokens up to which a GPU forward with a cache uses the decode attention kernel
+
+
 class LatentCache:
     """Per layer, the compressed KV latent c_kv (B, S, C) and the roped key k_pe (B, S, R); nothing else."""
 
@@ -153,20 +156,29 @@ class MLA(nn.Module):
             cache.kv[layer, :, start:start + T] = c_kv
             cache.pe[layer, :, start:start + T] = k_pe
             c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
-        S = c_kv.shape[1]
         # Absorb wk_b into the query: q_nope . (wk_b c) = (wk_b^T q_nope) . c, so keys stay latent.
         q_nope = round_activations(q_nope, self.act_k_b)
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope.float(), self.wk_b.float())
-        scores = (torch.einsum("bthc,bsc->bths", q_lat, c_kv.float())
-                  + torch.einsum("bthr,bsr->bths", q_pe.float(), k_pe.float())) * self.scale
-        q_pos = torch.arange(start, start + T, device=x.device)
-        mask = torch.arange(S, device=x.device)[None, :] > q_pos[:, None]             # (T, S)
-        scores = scores.masked_fill(mask[None, :, None, :], float("-inf"))
-        p = scores.softmax(dim=-1)                                                     # (B, T, H, S)
-        o_lat = torch.einsum("bths,bsc->bthc", p, c_kv.float())
+        if cache is not None and x.is_cuda and T <= DECODE_TOKENS and not torch.is_grad_enabled():
+            # decode on a GPU: the same attention in one Triton kernel pair (flash-decoding; kernels/gpu/mla.py)
+            from dslocal.kernels.gpu.mla import mla_decode
+            o_lat = mla_decode(q_lat, q_pe, cache.kv[layer], cache.pe[layer], start + T, self.scale)
+        else:
+            o_lat = self._attend(q_lat, q_pe, c_kv, k_pe, start)
         o_lat = round_activations(o_lat, self.act_v_b)
         o = torch.einsum("bthc,hvc->bthv", o_lat, self.wv_b.float())                   # (B, T, H, Vh)
         return self.wo(o.flatten(2).to(x.dtype))
+
+    def _attend(self, q_lat, q_pe, c_kv, k_pe, start: int) -> torch.Tensor:
+        """softmax(q_lat . c_kv + q_pe . k_pe) . c_kv over the causal positions -> o_lat (B, T, H, C) fp32."""
+        T, S = q_lat.shape[1], c_kv.shape[1]
+        scores = (torch.einsum("bthc,bsc->bths", q_lat, c_kv.float())
+                  + torch.einsum("bthr,bsr->bths", q_pe.float(), k_pe.float())) * self.scale
+        q_pos = torch.arange(start, start + T, device=q_lat.device)
+        mask = torch.arange(S, device=q_lat.device)[None, :] > q_pos[:, None]         # (T, S)
+        scores = scores.masked_fill(mask[None, :, None, :], float("-inf"))
+        p = scores.softmax(dim=-1)                                                     # (B, T, H, S)
+        return torch.einsum("bths,bsc->bthc", p, c_kv.float())
 
 
 class MLP(nn.Module):

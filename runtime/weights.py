@@ -48,15 +48,21 @@ ACTIVATION_KIND = {T.Q4_0: "q8_0", T.Q4_1: "q8_0", T.Q5_0: "q8_0", T.Q5_1: "q8_0
 
 
 def load_model(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", like_llama_cpp: bool = True) -> DeepSeek:
+               device: str | torch.device = "cpu", like_llama_cpp: bool = True,
+               routed_experts: bool = True) -> DeepSeek:
     """The reference model with every weight dequantized once to dtype (norms and routers stay fp32).
 
     like_llama_cpp: round the activations before each product with a quantized weight as llama.cpp's CPU
     backend does (runtime.model.round_activations), so greedy output matches llama.cpp token for token.
+    routed_experts=False leaves the MoE layers' routed experts out (their parameters are deleted): the
+    caller computes them from the file's blocks (offload/hybrid.py) and replaces the MoE modules' forward.
     """
     check_tensors(cfg, f)
     with torch.device("meta"):
         model = DeepSeek(cfg)         # no memory yet: each parameter arrives once, in its final dtype
+    if not routed_experts:
+        for moe in model.moe_layers():
+            del moe.w_gate, moe.w_up, moe.w_down
     meta = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
 
@@ -66,6 +72,8 @@ def load_model(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32
         state[pname] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
 
     for pname, gname in gguf_names(cfg).items():
+        if pname not in meta:
+            continue                  # a routed expert left out
         if gname in f.tensors:
             put(pname, load_tensor(f, gname))
         elif gname.endswith("exp_probs_b.bias"):

@@ -1,5 +1,13 @@
 """Shared fixtures: small synthetic deepseek2 GGUF files, built once per test session."""
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter on the CPU; the variable must be set before the
+# first kernel module is imported (ECOSYSTEM.md).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dslocal.quant import synthetic
 
@@ -24,16 +32,15 @@ class Greedy:
     """Argmax continuations, written once: from dslocal's model over its latent cache, and from llama.cpp."""
 
     @staticmethod
-    def dslocal(model, cfg, prompt: list[int], n: int) -> list[int]:
-        import torch
+    def dslocal(model, cfg, prompt: list[int], n: int, device: str = "cpu") -> list[int]:
         from dslocal.runtime.model import LatentCache
-        cache, seq = LatentCache(cfg, 1, len(prompt) + n, torch.float32, "cpu"), list(prompt)
+        cache, seq = LatentCache(cfg, 1, len(prompt) + n, torch.float32, device), list(prompt)
         with torch.no_grad():
-            logits = model(torch.tensor([seq]), cache, 0)[0, -1]
+            logits = model(torch.tensor([seq], device=device), cache, 0)[0, -1]
             for _ in range(n):
                 seq.append(int(logits.argmax()))
                 if len(seq) < len(prompt) + n:
-                    logits = model(torch.tensor([[seq[-1]]]), cache, len(seq) - 1)[0, -1]
+                    logits = model(torch.tensor([[seq[-1]]], device=device), cache, len(seq) - 1)[0, -1]
         return seq[len(prompt):]
 
     @staticmethod
@@ -52,3 +59,9 @@ class Greedy:
 @pytest.fixture(scope="session")
 def greedy():
     return Greedy
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Expert hotness and other per-model caches go to a temporary folder, not the user's cache."""
+    os.environ["DSLOCAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))

@@ -1,38 +1,35 @@
-"""GGUF blocks -> small int16 / float32 scratch that the dot loops of kernels/cpu/rows.py vectorise.
+"""GGUF blocks dotted with 11-bit integer activations in 256-bit vectors (Numba intrinsics), one function per type.
 
-Each `_unpack_*` reads the blocks of one 256-value chunk of one weight row, straight from the raw GGUF bytes
-w: uint8 (E, rows, row_bytes), and writes the chunk's quants to a scratch the dot loops reuse for every token:
+Each `_<type>(acc, w, p, x16, xs, s, v, xd)` takes the block at flat byte p of the raw GGUF bytes w (uint8, any
+C-contiguous shape), dots it with values v.. of activation row s (x16 int16 (N, D), its 16-value sums xs int32
+(N, D // 16), block scale xd = xd[s, v // 256]) and returns acc (8 float32 lanes) plus the block's part.
+The weights never leave the registers: a sub-block's quants are widened to 16 int16 lanes, multiplied by its
+integer scale where the type has one (every such product fits int16), and summed with the activations in pairs
+into 8 int32 lanes (pmaddwd; vpdpwssd with VNNI); the block's float scales then multiply the int32 lanes once.
+K-quant mins and offsets (Q6_K's -32, Q3_K's -4) go through the 16-value activation sums (xs), one pmaddwd
+per super-block: sum_l sc_g (q_l - 32) x_l = sum_l sc_g q_l x_l - 32 sum_g sc_g xs_g. Q4_0's -8 and Q5_0's -16
+are added to the lanes; Q4_1's and Q5_1's min multiplies the block's activation sum.
 
-- K-quants (256-value super-blocks): wq int16 (256,) = sub-block scale * quant, so that a whole super-block is
-  one integer dot product, and the float part is `d * isum - dmin * sum_g mins[g] * xsum[g]` over 16 groups of
-  16 values (mins are 0 where the type has none). Every wq fits int16: at most 63 * 31 (Q5_K) or
-  127 * 32 (Q6_K), and a 256-term dot with 11-bit activations stays inside int32 (256 * 4064 * 1023 < 2**31).
-- 32-value block types and F32 / F16 / BF16: wf float32, the weights themselves, dequantized in the order of
-  quant/dequant.py (so bit for bit the same values); these are dotted in float32 (see kernels/cpu/rows.py).
-
-Layouts follow ggml-common.h; quant/dequant.py has the same formats as bit diagrams. Three habits make LLVM
-vectorise these loops (seen in the assembly; on one Zen 4 core the unsigned index alone took Q6_K
-unpacking from 200 to 17 us per 1024 blocks):
-- the loops over the 32 (or 16) values of a sub-block run to L (or L >> 1), L = 32 passed in from Python:
-  with a constant trip count LLVM unrolls them completely before its loop vectorizer runs, and the SLP
-  vectorizer that then sees them cannot prove that the scratch and the weights do not overlap, so they
-  stayed scalar; with an unknown trip count the loop vectorizer adds a runtime overlap check and vectorises;
-- bytes are read through `_byte`, whose index is unsigned: Numba then emits no negative-index wraparound
-  select, which LLVM could not prove away and turned into byte-by-byte gathers;
-- Numba widens every integer operation to 64 bits, so values are cast back to int32 / int16 on purpose,
-  which lets LLVM keep 16-bit lanes (vpmovzxbw / vpmullw on 16 or 32 lanes) instead of 64-bit ones.
+Why vectors by hand: with plain loops LLVM did vectorise the 32-value dot, but left the per-block work scalar
+(scale unpacking, fp16 decoding, one horizontal sum per block): ~150 of the ~240 instructions per Q4_K
+super-block, and Q5_0 / Q8_0 paid a float dequantization. The vector type below is LLVM's <16 x i16> /
+<8 x i32> / <8 x float>; 256 bits because LLVM's Emerald Rapids tuning prefers them (NOTES.md).
+Layouts follow ggml-common.h; quant/dequant.py has the same formats as bit diagrams.
 """
 from __future__ import annotations
 
+import llvmlite.binding as llb
+import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.codegen import get_host_cpu_features
+from numba.extending import intrinsic, models, register_model
 
 from dslocal.quant.ggml import GGMLType
 
-i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
-
-# fp16 -> float32 without a float16 type in Numba: value = mantissa * 2**(exponent - 25), subnormals at 2**-24
-_POW2 = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 31)] + [np.inf], np.float32)
+f32 = np.float32
 
 # Type ids as plain ints for the branches inside compiled code (ggml_type values).
 F32, F16, BF16 = int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)
@@ -42,254 +39,322 @@ Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int(GGML
                                 int(GGMLType.Q5_K), int(GGMLType.Q6_K))
 
 
+# --- 256-bit vector values in compiled code ---------------------------------------------------------------
+
+class Lanes(types.Type):
+    """A 256-bit vector in compiled code: 16 int16, 8 int32 or 8 float32 lanes."""
+    def __init__(self, kind: str):
+        self.kind = kind
+        super().__init__(name=f"Lanes({kind})")
+
+
+_i8, _i16, _i32, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_V16, _V8I, _V8F = ir.VectorType(_i16, 16), ir.VectorType(_i32, 8), ir.VectorType(_f32, 8)
+_LLVM = {"i16": _V16, "i32": _V8I, "f32": _V8F}
+I16, I32, FV = Lanes("i16"), Lanes("i32"), Lanes("f32")
+
+
+@register_model(Lanes)
+class _LanesModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _LLVM[fe_type.kind])
+
+
+def _has(feature: str) -> bool:
+    """Whether Numba compiles for an x86 CPU with this feature (read when a kernel compiles, not at import)."""
+    features = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None else get_host_cpu_features()
+    return llb.get_process_triple().startswith("x86_64") and f"+{feature}" in features.split(",")
+
+
+def _op(name, result, build, arrays=()):
+    """A Numba intrinsic `name` returning type `result`, LLVM IR from build(context, builder, sig, *args).
+    Arguments at the positions in `arrays` must be C-contiguous arrays (the loads index their flat data)."""
+    def typed(*args):
+        if all(isinstance(args[i], types.Array) and args[i].layout == "C" for i in arrays):
+            return result(*args), lambda context, builder, sig, a: build(context, builder, sig, *a)
+    # Numba reads the typer's parameters to fold the call's arguments: one plain signature per arity
+    typers = [lambda typingctx: typed(), lambda typingctx, a: typed(a), lambda typingctx, a, b: typed(a, b),
+              lambda typingctx, a, b, c: typed(a, b, c), lambda typingctx, a, b, c, d: typed(a, b, c, d)]
+    typer = typers[build.__code__.co_argcount - 3]
+    typer.__name__ = name
+    return intrinsic(typer)
+
+
+def _vec(vt, values):
+    """A constant vector of type vt; a single value is repeated in every lane."""
+    values = list(values) if hasattr(values, "__iter__") else [values] * vt.count
+    return ir.Constant(vt, values)
+
+
+def _pick(b, v, lanes):
+    """shufflevector: lane k of the result = lane lanes[k] of v."""
+    return b.shuffle_vector(v, v, _vec(ir.VectorType(_i32, len(lanes)), lanes))
+
+
+def _splat(b, v, vt):
+    return _pick(b, b.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(_i32, 0)), [0] * vt.count)
+
+
+def _call(b, name, ret, args, **kw):
+    """Call the LLVM intrinsic `name` (its type from ret and the arguments)."""
+    f = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return b.call(f, args, **kw)
+
+
+def _as_f32(b, v):
+    return b.fptrunc(v, _f32) if v.type != _f32 else v
+
+
+def _as_i16(b, v):
+    return b.trunc(v, _i16) if v.type.width > 16 else b.sext(v, _i16) if v.type.width < 16 else v
+
+
+def _load(c, b, sig, arr, i, elt):
+    """Unaligned load of LLVM type elt from flat element i of array arr (the first argument of sig)."""
+    data = c.make_array(sig.args[0])(c, b, arr).data
+    value = b.load(b.bitcast(b.gep(data, [i]), elt.as_pointer()))
+    value.align = 1
+    return value
+
+
+def _madd_ir(b, x, y):
+    """pmaddwd: int32 lane i = x[2i] y[2i] + x[2i+1] y[2i+1]. LLVM did not match the generic form on x86."""
+    if _has("avx2"):
+        return _call(b, "llvm.x86.avx2.pmadd.wd", _V8I, [x, y])
+    even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
+    lo = b.mul(b.sext(_pick(b, x, even), _V8I), b.sext(_pick(b, y, even), _V8I))
+    return b.add(lo, b.mul(b.sext(_pick(b, x, odd), _V8I), b.sext(_pick(b, y, odd), _V8I)))
+
+
+def _f16_ir(c, b, sig, w, i, times):
+    """The fp16 at byte i of w times `times`, in 8 float32 lanes. The bits are broadcast first: a scalar
+    conversion was inserted into whatever register LLVM chose, once the accumulator, and that false dependency
+    halved Q8_0's speed. F16C's vcvtph2ps where there is one, else exact integer arithmetic (NaN becomes inf)."""
+    h = _splat(b, _load(c, b, sig, w, i, _i16), ir.VectorType(_i16, 8))
+    if _has("f16c"):
+        f = b.fpext(b.bitcast(h, ir.VectorType(ir.HalfType(), 8)), _V8F)
+    else:   # exponent and mantissa moved into place, then 2**(127 - 15) fixes the bias; exponent 31 is inf
+        h = b.zext(h, _V8I)
+        mag = b.fmul(b.bitcast(b.shl(b.and_(h, _vec(_V8I, 0x7FFF)), _vec(_V8I, 13)), _V8F), _vec(_V8F, 2.0 ** 112))
+        top = b.icmp_unsigned(">=", b.and_(h, _vec(_V8I, 0x7C00)), _vec(_V8I, 0x7C00))
+        mag = b.bitcast(b.select(top, _vec(_V8F, float("inf")), mag), _V8I)
+        f = b.bitcast(b.or_(mag, b.shl(b.and_(h, _vec(_V8I, 0x8000)), _vec(_V8I, 16))), _V8F)
+    return b.fmul(f, _splat(b, _as_f32(b, times), _V8F))
+
+
+def _lane_ir(c, b, sig, v, j):
+    """Every lane = lane j of v. With AVX2 as a vpshufb (of the half of v that holds lane j, copied to both
+    halves), which LLVM then lowers as the splat it prefers (2 instructions); the plain splat of Q2_K's scales
+    (v & 15) was scalarised to vpextrw, and, vpbroadcastw from a general register (Q2_K 12.0 -> 13.8 G/s)."""
+    if not _has("avx2"):
+        return _splat(b, b.extract_element(v, j), v.type)
+    v32 = ir.VectorType(_i8, 32)
+    half = b.select(b.icmp_signed(">=", j, ir.Constant(j.type, 8)), _pick(b, v, list(range(8, 16)) * 2),
+                    _pick(b, v, list(range(8)) * 2))
+    byte = b.trunc(b.shl(b.and_(j, ir.Constant(j.type, 7)), ir.Constant(j.type, 1)), _i8)
+    control = b.add(_splat(b, byte, v32), _vec(v32, [0, 1] * 16))   # bytes 2j, 2j + 1 of each 128-bit half
+    return b.bitcast(_call(b, "llvm.x86.avx2.pshuf.b", v32, [b.bitcast(half, v32), control]), v.type)
+
+
+def _bits_ir(c, b, sig, qh, shift, on, off):
+    """Lane l = on where bit shift + l of the uint32 qh is set, else off (the fifth bits of Q5_0 / Q5_1)."""
+    h = _splat(b, b.trunc(b.lshr(qh, b.trunc(shift, _i32)), _i16), _V16)
+    is_set = b.icmp_unsigned("!=", b.and_(h, _vec(_V16, [1 << l for l in range(16)])), _vec(_V16, 0))
+    return b.select(is_set, _splat(b, _as_i16(b, on), _V16), _splat(b, _as_i16(b, off), _V16))
+
+
+def _k4_scales_ir(c, b, sig, w, i):
+    """The 12 scale bytes of Q4_K / Q5_K (get_scale_min_k4, ggml-quants.c) -> lanes [sc0..sc7, m0..m7]:
+    j < 4: sc = q[j] & 63, m = q[j + 4] & 63; j >= 4: sc = q[j + 4] & 15 | q[j - 4] >> 6 << 4,
+    m = q[j + 4] >> 4 | q[j] >> 6 << 4."""
+    q = b.zext(_load(c, b, sig, w, i, ir.VectorType(_i8, 16)), _V16)
+    a = _pick(b, q, [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11])
+    low = b.or_(b.and_(a, _vec(_V16, [63] * 4 + [15] * 4 + [63] * 4 + [0] * 4)),
+                b.and_(b.lshr(a, _vec(_V16, 4)), _vec(_V16, [0] * 12 + [15] * 4)))
+    high = b.and_(_pick(b, q, [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7]), _vec(_V16, ([0] * 4 + [0xC0] * 4) * 2))
+    return b.or_(low, b.lshr(high, _vec(_V16, 2)))
+
+
+def _q3_scales_ir(c, b, sig, w, i):
+    """The 12 scale bytes of Q3_K at i -> 16 lanes: (low 4 bits | high 2 bits << 4) - 32, where scale s has low
+    bits q[s % 8] >> 4 (s // 8) and high bits q[8 + s % 4] >> 2 (s // 4) (ggml-quants.c dequantize_row_q3_K).
+    The load ends at the block's last byte (i - 4 .. i + 11): never past the end of the tensor."""
+    q = b.zext(_load(c, b, sig, w, b.sub(i, ir.Constant(i.type, 4)), ir.VectorType(_i8, 16)), _V16)
+    low = b.lshr(_pick(b, q, [4 + s % 8 for s in range(16)]), _vec(_V16, [4 * (s // 8) for s in range(16)]))
+    high = b.lshr(_pick(b, q, [12 + s % 4 for s in range(16)]), _vec(_V16, [2 * (s // 4) for s in range(16)]))
+    v = b.or_(b.and_(low, _vec(_V16, 15)), b.shl(b.and_(high, _vec(_V16, 3)), _vec(_V16, 4)))
+    return b.sub(v, _vec(_V16, 32))
+
+
+def _fma_ir(c, b, sig, acc, a, times):
+    """acc + float(a) * times (float32 lanes)."""
+    return b.fadd(acc, b.fmul(b.sitofp(a, _V8F), times, flags=["contract"]), flags=["contract"])
+
+
+# loads at flat element i of a C-contiguous array; 16 int16 lanes unless stated
+_u8x16 = _op("_u8x16", I16, lambda c, b, sig, a, i: b.zext(_load(c, b, sig, a, i, ir.VectorType(_i8, 16)), _V16), (0,))
+_i8x16 = _op("_i8x16", I16, lambda c, b, sig, a, i: b.sext(_load(c, b, sig, a, i, ir.VectorType(_i8, 16)), _V16), (0,))
+_i16x16 = _op("_i16x16", I16, lambda c, b, sig, a, i: _load(c, b, sig, a, i, _V16), (0,))
+_i32x16 = _op("_i32x16", I16, lambda c, b, sig, a, i: b.trunc(_load(c, b, sig, a, i, ir.VectorType(_i32, 16)), _V16),
+              (0,))   # int32 values that fit int16 (the activation sums)
+_u32 = _op("_u32", types.uint32, lambda c, b, sig, a, i: _load(c, b, sig, a, i, _i32), (0,))
+_f16 = _op("_f16", FV, _f16_ir, (0,))
+_k4_scales = _op("_k4_scales", I16, _k4_scales_ir, (0,))
+_q3_scales = _op("_q3_scales", I16, _q3_scales_ir, (0,))
+
+# int16 lanes; k, n, j: integers (constants once LLVM has unrolled the loops around them)
+_and = _op("_and", I16, lambda c, b, sig, v, k: b.and_(v, _splat(b, _as_i16(b, k), _V16)))
+_shr = _op("_shr", I16, lambda c, b, sig, v, n: b.lshr(v, _splat(b, _as_i16(b, n), _V16)))
+_shl = _op("_shl", I16, lambda c, b, sig, v, n: b.shl(v, _splat(b, _as_i16(b, n), _V16)))
+_or = _op("_or", I16, lambda c, b, sig, x, y: b.or_(x, y))
+_add = _op("_add", I16, lambda c, b, sig, x, y: b.add(x, y))
+_mul = _op("_mul", I16, lambda c, b, sig, x, y: b.mul(x, y))
+_fill = _op("_fill", I16, lambda c, b, sig, k: _splat(b, _as_i16(b, k), _V16))
+_lane = _op("_lane", I16, _lane_ir)
+_bits = _op("_bits", I16, _bits_ir)
+# lanes [m0, m0, m1, m1, .., m7, m7] of _k4_scales: a min per 16 values, to pair with xs in one pmaddwd
+_mins16 = _op("_mins16", I16, lambda c, b, sig, v: _pick(b, v, [8 + g // 2 for g in range(16)]))
+
+# int32 and float32 lanes
+_madd = _op("_madd", I32, lambda c, b, sig, x, y: _madd_ir(b, x, y))
+_dot = _op("_dot", I32, lambda c, b, sig, acc, x, y: b.add(acc, _madd_ir(b, x, y)))   # acc + pmaddwd(x, y)
+_zero_i32 = _op("_zero_i32", I32, lambda c, b, sig: _vec(_V8I, 0))
+_zero = _op("_zero", FV, lambda c, b, sig: _vec(_V8F, 0.0))
+_fma = _op("_fma", FV, _fma_ir)
+_plus = _op("_plus", FV, lambda c, b, sig, acc, v: b.insert_element(acc, b.fadd(   # acc's lane 0 + v's lane 0
+    b.extract_element(acc, ir.Constant(_i32, 0)), b.extract_element(v, ir.Constant(_i32, 0))), ir.Constant(_i32, 0)))
+_hsum = _op("_hsum", types.float32, lambda c, b, sig, acc: _call(
+    b, "llvm.vector.reduce.fadd.v8f32", _f32, [ir.Constant(_f32, -0.0), acc], fastmath=("reassoc",)))
+
+
+# --- one block . activations, per type: (acc, w, p, x16, xs, s, v, xd) -> acc (see the top of this file) ------
+# Value offsets: x16 row s at s * D + v, xs row s at s * G + v // 16 (G = D // 16). Loops have constant trip
+# counts: LLVM unrolls them, which makes every lane index and shift a constant.
+
 @njit(inline="always")
-def _byte(w, e, r, i):
-    """Byte i of row r of expert e as int32 (unsigned index: no wraparound code in the loops)."""
-    return i32(w[e, r, u64(i)])
-
-
-@njit(inline="always")
-def _f16(w, e, r, o):
-    """The little-endian fp16 at byte o of row r of expert e, as float32 (infinities kept, NaN as inf)."""
-    h = (_byte(w, e, r, o + 1) << 8) | _byte(w, e, r, o)
-    x = (h >> 10) & 31
-    v = f32(i32((h & 1023) | (1024 if x else 0))) * _POW2[x]
-    return -v if h & 0x8000 else v
-
-
-# --- K-quants: chunk c of a row is super-block c; wq int16 (256,), mins int32 (16,) -------------------
-
-@njit(inline="always")
-def _k4_scale_min(w, e, r, o, j):
-    """Scale and min of sub-block j from the 12 bytes at o (get_scale_min_k4, ggml-quants.c)."""
-    if j < 4:
-        return _byte(w, e, r, o + j) & 63, _byte(w, e, r, o + 4 + j) & 63
-    lo = _byte(w, e, r, o + 4 + j)
-    return (lo & 15) | ((_byte(w, e, r, o + j - 4) >> 6) << 4), (lo >> 4) | ((_byte(w, e, r, o + j) >> 6) << 4)
-
-
-@njit(inline="always")
-def _unpack_q4_k(w, e, r, c, wq, mins, L):
+def _q4_k(acc, w, p, x16, xs, s, v, xd):
     # block_q4_K, 144 bytes: d @0, dmin @2, scales[12] @4, qs[128] @16 (value 64k + l = lo nibble of
-    # qs[32k + l], value 64k + 32 + l = hi nibble); w = d * sc_j * q - dmin * m_j, sub-blocks of 32.
-    # One loop over l writes all 8 sub-blocks: one runtime overlap check per super-block, not eight.
-    o = c * 144
-    s0, m0 = _k4_scale_min(w, e, r, o + 4, 0)
-    s1, m1 = _k4_scale_min(w, e, r, o + 4, 1)
-    s2, m2 = _k4_scale_min(w, e, r, o + 4, 2)
-    s3, m3 = _k4_scale_min(w, e, r, o + 4, 3)
-    s4, m4 = _k4_scale_min(w, e, r, o + 4, 4)
-    s5, m5 = _k4_scale_min(w, e, r, o + 4, 5)
-    s6, m6 = _k4_scale_min(w, e, r, o + 4, 6)
-    s7, m7 = _k4_scale_min(w, e, r, o + 4, 7)
-    _mins_by_32(mins, m0, m1, m2, m3, m4, m5, m6, m7)
-    for l in range(L):
-        v0, v1 = _byte(w, e, r, o + 16 + l), _byte(w, e, r, o + 48 + l)
-        v2, v3 = _byte(w, e, r, o + 80 + l), _byte(w, e, r, o + 112 + l)
-        wq[l], wq[32 + l] = i16(i16(v0 & 15) * i16(s0)), i16(i16(v0 >> 4) * i16(s1))
-        wq[64 + l], wq[96 + l] = i16(i16(v1 & 15) * i16(s2)), i16(i16(v1 >> 4) * i16(s3))
-        wq[128 + l], wq[160 + l] = i16(i16(v2 & 15) * i16(s4)), i16(i16(v2 >> 4) * i16(s5))
-        wq[192 + l], wq[224 + l] = i16(i16(v3 & 15) * i16(s6)), i16(i16(v3 >> 4) * i16(s7))
-    return _f16(w, e, r, o), _f16(w, e, r, o + 2)
+    # qs[32k + l], value 64k + 32 + l = hi nibble); w = d * sc_j * q - dmin * m_j, sub-blocks j of 32
+    x, sm = s * x16.shape[1] + v, _k4_scales(w, p + 4)
+    a = _zero_i32()
+    for k in range(4):
+        for l in range(0, 32, 16):
+            q = _u8x16(w, p + 16 + 32 * k + l)
+            a = _dot(a, _mul(_and(q, 15), _lane(sm, 2 * k)), _i16x16(x16, x + 64 * k + l))
+            a = _dot(a, _mul(_shr(q, 4), _lane(sm, 2 * k + 1)), _i16x16(x16, x + 64 * k + 32 + l))
+    acc = _fma(acc, a, _f16(w, p, xd))
+    return _fma(acc, _madd(_mins16(sm), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 2, -xd))
 
 
 @njit(inline="always")
-def _unpack_q5_k(w, e, r, c, wq, mins, L):
+def _q5_k(acc, w, p, x16, xs, s, v, xd):
     # block_q5_K, 176 bytes: d @0, dmin @2, scales[12] @4, qh[32] @16 (bit b of qh[l] is bit 4 of value
     # 32b + l), qs[128] @48 as in Q4_K
-    o = c * 176
-    s0, m0 = _k4_scale_min(w, e, r, o + 4, 0)
-    s1, m1 = _k4_scale_min(w, e, r, o + 4, 1)
-    s2, m2 = _k4_scale_min(w, e, r, o + 4, 2)
-    s3, m3 = _k4_scale_min(w, e, r, o + 4, 3)
-    s4, m4 = _k4_scale_min(w, e, r, o + 4, 4)
-    s5, m5 = _k4_scale_min(w, e, r, o + 4, 5)
-    s6, m6 = _k4_scale_min(w, e, r, o + 4, 6)
-    s7, m7 = _k4_scale_min(w, e, r, o + 4, 7)
-    _mins_by_32(mins, m0, m1, m2, m3, m4, m5, m6, m7)
-    for l in range(L):
-        h = _byte(w, e, r, o + 16 + l) << 4     # bit b of qh moves to bit 4 + b
-        v0, v1 = _byte(w, e, r, o + 48 + l), _byte(w, e, r, o + 80 + l)
-        v2, v3 = _byte(w, e, r, o + 112 + l), _byte(w, e, r, o + 144 + l)
-        wq[l] = i16(i16((v0 & 15) | (h & 16)) * i16(s0))
-        wq[32 + l] = i16(i16((v0 >> 4) | ((h >> 1) & 16)) * i16(s1))
-        wq[64 + l] = i16(i16((v1 & 15) | ((h >> 2) & 16)) * i16(s2))
-        wq[96 + l] = i16(i16((v1 >> 4) | ((h >> 3) & 16)) * i16(s3))
-        wq[128 + l] = i16(i16((v2 & 15) | ((h >> 4) & 16)) * i16(s4))
-        wq[160 + l] = i16(i16((v2 >> 4) | ((h >> 5) & 16)) * i16(s5))
-        wq[192 + l] = i16(i16((v3 & 15) | ((h >> 6) & 16)) * i16(s6))
-        wq[224 + l] = i16(i16((v3 >> 4) | ((h >> 7) & 16)) * i16(s7))
-    return _f16(w, e, r, o), _f16(w, e, r, o + 2)
+    x, sm = s * x16.shape[1] + v, _k4_scales(w, p + 4)
+    a = _zero_i32()
+    for l in range(0, 32, 16):
+        h = _u8x16(w, p + 16 + l)
+        for k in range(4):
+            q = _u8x16(w, p + 48 + 32 * k + l)
+            q0 = _or(_and(q, 15), _shl(_and(_shr(h, 2 * k), 1), 4))
+            q1 = _or(_shr(q, 4), _shl(_and(_shr(h, 2 * k + 1), 1), 4))
+            a = _dot(a, _mul(q0, _lane(sm, 2 * k)), _i16x16(x16, x + 64 * k + l))
+            a = _dot(a, _mul(q1, _lane(sm, 2 * k + 1)), _i16x16(x16, x + 64 * k + 32 + l))
+    acc = _fma(acc, a, _f16(w, p, xd))
+    return _fma(acc, _madd(_mins16(sm), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 2, -xd))
 
 
 @njit(inline="always")
-def _mins_by_32(mins, m0, m1, m2, m3, m4, m5, m6, m7):
-    """mins per 16 values from the 8 mins of 32-value sub-blocks."""
-    mins[0], mins[1], mins[2], mins[3], mins[4], mins[5], mins[6], mins[7] = m0, m0, m1, m1, m2, m2, m3, m3
-    mins[8], mins[9], mins[10], mins[11], mins[12], mins[13], mins[14], mins[15] = m4, m4, m5, m5, m6, m6, m7, m7
-
-
-@njit(inline="always")
-def _i8(v):
-    return i16(v - ((v & 128) << 1))
-
-
-@njit(inline="always")
-def _unpack_q6_k(w, e, r, c, wq, mins, L):
+def _q6_k(acc, w, p, x16, xs, s, v, xd):
     # block_q6_K, 210 bytes: ql[128] @0, qh[64] @128, scales int8[16] @192, d @208; in half h, value
     # 128h + 32k + l has low bits from ql[64h + 32(k&1) + l] (hi nibble for k >= 2) and high bits 2k..2k+1
-    # of qh[32h + l]; w = d * sc * (q - 32), sub-blocks of 16. (One loop per sub-block here: a single loop
-    # writing all 16 was 2.5 times slower on Zen 4.)
-    o = c * 210
-    for g in range(16):
-        mins[g] = 0
+    # of qh[32h + l]; w = d * sc * (q - 32), sub-blocks of 16
+    x, sc = s * x16.shape[1] + v, _i8x16(w, p + 192)
+    a = _zero_i32()
     for h in range(2):
-        for k in range(4):
-            for half in range(2):   # values l < 16 have scale byte 8h + 2k, the rest the next one
-                sc = _i8(_byte(w, e, r, o + 192 + 8 * h + 2 * k + half))
-                for l in range(half * (L >> 1), (half + 1) * (L >> 1)):
-                    lo = (_byte(w, e, r, o + 64 * h + 32 * (k & 1) + l) >> (4 * (k >> 1))) & 15
-                    q = (lo | (((_byte(w, e, r, o + 128 + 32 * h + l) >> (2 * k)) & 3) << 4)) - 32
-                    wq[128 * h + 32 * k + l] = i16(i16(q) * sc)
-    return _f16(w, e, r, o + 208), f32(0)
+        for l in range(0, 32, 16):
+            qh = _u8x16(w, p + 128 + 32 * h + l)
+            for k in range(4):
+                q = _and(_shr(_u8x16(w, p + 64 * h + 32 * (k & 1) + l), 4 * (k >> 1)), 15)
+                q = _or(q, _shl(_and(_shr(qh, 2 * k), 3), 4))
+                a = _dot(a, _mul(q, _lane(sc, 8 * h + 2 * k + l // 16)), _i16x16(x16, x + 128 * h + 32 * k + l))
+    acc = _fma(acc, a, _f16(w, p + 208, xd))
+    return _fma(acc, _madd(sc, _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 208, f32(-32) * xd))
 
 
 @njit(inline="always")
-def _unpack_q2_k(w, e, r, c, wq, mins, L):
+def _q2_k(acc, w, p, x16, xs, s, v, xd):
     # block_q2_K, 84 bytes: scales[16] @0 (lo nibble scale, hi nibble min), qs[64] @16 (value 128h + 32k + l
     # = bits 2k..2k+1 of qs[32h + l]), d @80, dmin @82; w = d * sc * q - dmin * m, sub-blocks of 16
-    o = c * 84
-    for g in range(16):
-        mins[g] = _byte(w, e, r, o + g) >> 4
+    x, sm = s * x16.shape[1] + v, _u8x16(w, p)
+    sc = _and(sm, 15)
+    a = _zero_i32()
     for h in range(2):
-        for k in range(4):
-            for half in range(2):
-                sc = i16(_byte(w, e, r, o + 8 * h + 2 * k + half) & 15)
-                for l in range(half * (L >> 1), (half + 1) * (L >> 1)):
-                    q = (_byte(w, e, r, o + 16 + 32 * h + l) >> (2 * k)) & 3
-                    wq[128 * h + 32 * k + l] = i16(i16(q) * sc)
-    return _f16(w, e, r, o + 80), _f16(w, e, r, o + 82)
+        for l in range(0, 32, 16):
+            q = _u8x16(w, p + 16 + 32 * h + l)
+            for k in range(4):
+                a = _dot(a, _mul(_and(_shr(q, 2 * k), 3), _lane(sc, 8 * h + 2 * k + l // 16)),
+                         _i16x16(x16, x + 128 * h + 32 * k + l))
+    acc = _fma(acc, a, _f16(w, p + 80, xd))
+    return _fma(acc, _madd(_shr(sm, 4), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 82, -xd))
 
 
 @njit(inline="always")
-def _q3_scale(w, e, r, o, s):
-    """Scale s of a Q3_K block whose scales[12] are at o: 4 low bits, 2 high bits, stored + 32."""
-    lo = (_byte(w, e, r, o + s % 8) >> (4 * (s // 8))) & 15
-    hi = (_byte(w, e, r, o + 8 + s % 4) >> (2 * (s // 4))) & 3
-    return i16((lo | (hi << 4)) - 32)
-
-
-@njit(inline="always")
-def _unpack_q3_k(w, e, r, c, wq, mins, L):
+def _q3_k(acc, w, p, x16, xs, s, v, xd):
     # block_q3_K, 110 bytes: hmask[32] @0 (bit b of hmask[l] set: value 32b + l keeps +4), qs[64] @32 as in
-    # Q2_K, scales[12] @96 (see _q3_scale), d @108; w = d * (sc - 32) * (q - 4 * (1 - hbit)), sub-blocks of 16
-    o = c * 110
-    for g in range(16):
-        mins[g] = 0
-    for h in range(2):
-        for k in range(4):
-            for half in range(2):
-                sc = _q3_scale(w, e, r, o + 96, 8 * h + 2 * k + half)
-                for l in range(half * (L >> 1), (half + 1) * (L >> 1)):
-                    q = (_byte(w, e, r, o + 32 + 32 * h + l) >> (2 * k)) & 3
-                    q -= 4 - 4 * ((_byte(w, e, r, o + l) >> (4 * h + k)) & 1)
-                    wq[128 * h + 32 * k + l] = i16(i16(q) * sc)
-    return _f16(w, e, r, o + 108), f32(0)
+    # Q2_K, scales[12] @96 (see _q3_scales_ir), d @108; w = d * sc * (q + 4 * hbit - 4), sub-blocks of 16
+    x, sc = s * x16.shape[1] + v, _q3_scales(w, p + 96)
+    a = _zero_i32()
+    for l in range(0, 32, 16):
+        hm = _u8x16(w, p + l)
+        for h in range(2):
+            q2 = _u8x16(w, p + 32 + 32 * h + l)
+            for k in range(4):
+                q = _or(_and(_shr(q2, 2 * k), 3), _shl(_and(_shr(hm, 4 * h + k), 1), 2))
+                a = _dot(a, _mul(q, _lane(sc, 8 * h + 2 * k + l // 16)), _i16x16(x16, x + 128 * h + 32 * k + l))
+    acc = _fma(acc, a, _f16(w, p + 108, xd))
+    return _fma(acc, _madd(sc, _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 108, f32(-4) * xd))
 
-
-# --- float-dotted types: chunk c of a row is values 256c .. 256c + n - 1 into wf float32 (256,) ----------
-# (wb, where given, is a uint32 view of wf for types whose values are assembled from bits)
 
 @njit(inline="always")
-def _unpack_q8_0(w, e, r, c, n, wf, L):
+def _q8_0(acc, w, p, x16, xs, s, v, xd):
     # block_q8_0, 34 bytes: d @0, qs int8[32] @2; w = d * q
-    for j in range(n // 32):
-        o = (8 * c + j) * 34
-        d = _f16(w, e, r, o)
-        for l in range(L):
-            v = _byte(w, e, r, o + 2 + l)
-            wf[32 * j + l] = d * f32(i32(v - ((v & 128) << 1)))
+    x = s * x16.shape[1] + v
+    a = _dot(_madd(_i8x16(w, p + 2), _i16x16(x16, x)), _i8x16(w, p + 18), _i16x16(x16, x + 16))
+    return _fma(acc, a, _f16(w, p, xd))
 
 
 @njit(inline="always")
-def _unpack_q4_0(w, e, r, c, n, wf, L):
+def _q4_0(acc, w, p, x16, xs, s, v, xd):
     # block_q4_0, 18 bytes: d @0, qs[16] @2 (value l = lo nibble of qs[l], value l + 16 = hi nibble);
     # w = d * (q - 8)
-    for j in range(n // 32):
-        o = (8 * c + j) * 18
-        d = _f16(w, e, r, o)
-        for l in range(L >> 1):
-            v = _byte(w, e, r, o + 2 + l)
-            wf[32 * j + l] = d * (f32(i32(v & 15)) - f32(8))
-            wf[32 * j + 16 + l] = d * (f32(i32(v >> 4)) - f32(8))
+    x, q, m8 = s * x16.shape[1] + v, _u8x16(w, p + 2), _fill(-8)
+    a = _dot(_madd(_add(_and(q, 15), m8), _i16x16(x16, x)), _add(_shr(q, 4), m8), _i16x16(x16, x + 16))
+    return _fma(acc, a, _f16(w, p, xd))
 
 
 @njit(inline="always")
-def _unpack_q4_1(w, e, r, c, n, wf, L):
-    # block_q4_1, 20 bytes: d @0, m @2, qs[16] @4 as in Q4_0; w = d * q + m
-    for j in range(n // 32):
-        o = (8 * c + j) * 20
-        d, m = _f16(w, e, r, o), _f16(w, e, r, o + 2)
-        for l in range(L >> 1):
-            v = _byte(w, e, r, o + 4 + l)
-            wf[32 * j + l] = d * f32(i32(v & 15)) + m
-            wf[32 * j + 16 + l] = d * f32(i32(v >> 4)) + m
+def _q4_1(acc, w, p, x16, xs, s, v, xd):
+    # block_q4_1, 20 bytes: d @0, m @2, qs[16] @4 as in Q4_0; w = d * q + m (m times the block's x sum)
+    x, q, g = s * x16.shape[1] + v, _u8x16(w, p + 4), v // 16
+    a = _dot(_madd(_and(q, 15), _i16x16(x16, x)), _shr(q, 4), _i16x16(x16, x + 16))
+    return _plus(_fma(acc, a, _f16(w, p, xd)), _f16(w, p + 2, xd * f32(xs[s, g] + xs[s, g + 1])))
 
 
 @njit(inline="always")
-def _u32le(w, e, r, o):
-    """The little-endian uint32 at byte o (the qh bits of Q5_0 / Q5_1, the bits of an F32)."""
-    return (u32(_byte(w, e, r, o)) | (u32(_byte(w, e, r, o + 1)) << 8) |
-            (u32(_byte(w, e, r, o + 2)) << 16) | (u32(_byte(w, e, r, o + 3)) << 24))
+def _q5_0(acc, w, p, x16, xs, s, v, xd):
+    # block_q5_0, 22 bytes: d @0, qh u32 @2 (bit l: bit 4 of value l), qs[16] @6 (low 4 bits as in Q4_0);
+    # w = d * (q - 16): the fifth bit and the offset together add 0 or -16
+    x, qh, q = s * x16.shape[1] + v, _u32(w, p + 2), _u8x16(w, p + 6)
+    a = _madd(_add(_and(q, 15), _bits(qh, 0, 0, -16)), _i16x16(x16, x))
+    a = _dot(a, _add(_shr(q, 4), _bits(qh, 16, 0, -16)), _i16x16(x16, x + 16))
+    return _fma(acc, a, _f16(w, p, xd))
 
 
 @njit(inline="always")
-def _unpack_q5_0(w, e, r, c, n, wf, L):
-    # block_q5_0, 22 bytes: d @0, qh u32 @2, qs[16] @6 (low 4 bits as in Q4_0); w = d * (q - 16)
-    for j in range(n // 32):
-        o = (8 * c + j) * 22
-        d, qh = _f16(w, e, r, o), i32(_u32le(w, e, r, o + 2))
-        for l in range(L >> 1):
-            v = _byte(w, e, r, o + 6 + l)
-            lo = (v & 15) | (((qh >> (l & 15)) & 1) << 4)
-            hi = (v >> 4) | (((qh >> ((l & 15) + 16)) & 1) << 4)
-            wf[32 * j + l] = d * (f32(i32(lo)) - f32(16))
-            wf[32 * j + 16 + l] = d * (f32(i32(hi)) - f32(16))
-
-
-@njit(inline="always")
-def _unpack_q5_1(w, e, r, c, n, wf, L):
-    # block_q5_1, 24 bytes: d @0, m @2, qh u32 @4, qs[16] @8; w = d * q + m
-    for j in range(n // 32):
-        o = (8 * c + j) * 24
-        d, m, qh = _f16(w, e, r, o), _f16(w, e, r, o + 2), i32(_u32le(w, e, r, o + 4))
-        for l in range(L >> 1):
-            v = _byte(w, e, r, o + 8 + l)
-            lo = (v & 15) | (((qh >> (l & 15)) & 1) << 4)
-            hi = (v >> 4) | (((qh >> ((l & 15) + 16)) & 1) << 4)
-            wf[32 * j + l] = d * f32(i32(lo)) + m
-            wf[32 * j + 16 + l] = d * f32(i32(hi)) + m
-
-
-@njit(inline="always")
-def _unpack_f32(w, e, r, c, n, wb):
-    for l in range(n):
-        wb[l] = _u32le(w, e, r, 4 * (256 * c + l))
-
-
-@njit(inline="always")
-def _unpack_bf16(w, e, r, c, n, wb):
-    for l in range(n):   # bf16 is the top half of a float32 (ggml_bf16_to_fp32)
-        o = 2 * (256 * c + l)
-        wb[l] = (u32(_byte(w, e, r, o)) << 16) | (u32(_byte(w, e, r, o + 1)) << 24)
-
-
-@njit(inline="always")
-def _unpack_f16(w, e, r, c, n, wb, wf):
-    for l in range(n):   # fp16: move sign, exponent and mantissa into place, then rescale the exponent
-        o = 2 * (256 * c + l)
-        h = u32(_byte(w, e, r, o)) | (u32(_byte(w, e, r, o + 1)) << 8)
-        b = ((h & 0x7FFF) << 13) | ((h & 0x8000) << 16)
-        wb[l] = b | u32(0x7F800000) if (h & 0x7C00) == 0x7C00 else b
-    for l in range(n):   # 2**112 = 2**(127 - 15): exact for normals and subnormals; inf and NaN stay
-        wf[l] *= f32(5.192296858534828e33)
+def _q5_1(acc, w, p, x16, xs, s, v, xd):
+    # block_q5_1, 24 bytes: d @0, m @2, qh u32 @4, qs[16] @8 as in Q5_0; w = d * q + m
+    x, qh, q, g = s * x16.shape[1] + v, _u32(w, p + 4), _u8x16(w, p + 8), v // 16
+    a = _madd(_or(_and(q, 15), _bits(qh, 0, 16, 0)), _i16x16(x16, x))
+    a = _dot(a, _or(_shr(q, 4), _bits(qh, 16, 16, 0)), _i16x16(x16, x + 16))
+    return _plus(_fma(acc, a, _f16(w, p, xd)), _f16(w, p + 2, xd * f32(xs[s, g] + xs[s, g + 1])))

@@ -32,22 +32,26 @@ TOKEN_BLOCK = 64     # pairs per pass over a weight tile: their int16 activation
 
 @njit(cache=True, nogil=True)
 def _route(ids, wts, E):
-    """Pairs grouped by expert: start (E+1,), pair_tok (P,), pair_w (P,) f32, active experts (n_active,)."""
+    """Pairs grouped by expert: start (E+1,), pair_tok (P,), pair_w (P,) f32, active experts (n_active,).
+    Pairs with a negative id (experts computed elsewhere, e.g. on the GPU) are left out: P counts the rest."""
     T, K = ids.shape
     start = np.zeros(E + 1, np.int64)
     for t in range(T):
         for k in range(K):
-            start[ids[t, k] + 1] += 1
+            if ids[t, k] >= 0:
+                start[ids[t, k] + 1] += 1
     n_active = 0
     for e in range(E):
         n_active += start[e + 1] > 0
         start[e + 1] += start[e]
     fill = start[:E].copy()
-    pair_tok = np.empty(T * K, np.int64)
-    pair_w = np.empty(T * K, np.float32)
+    pair_tok = np.empty(start[E], np.int64)
+    pair_w = np.empty(start[E], np.float32)
     for t in range(T):
         for k in range(K):
             e = ids[t, k]
+            if e < 0:
+                continue
             pair_tok[fill[e]] = t
             pair_w[fill[e]] = wts[t, k]
             fill[e] += 1
@@ -129,8 +133,9 @@ _compiled = False
 
 def moe_ffn(x, topk_ids, topk_weights, experts: ExpertTensors, out=None):
     """Routed-expert FFN of one layer: out[t] = sum_k w[t,k] * down_e(silu(gate_e(x[t])) * up_e(x[t])),
-    e = ids[t,k]. x (T, D) f32, topk_ids (T, K) int, topk_weights (T, K) f32 -> (T, D) f32, torch or numpy
-    as x is. Runs on numba.get_num_threads() threads (set per calling thread) without holding the GIL."""
+    e = ids[t,k]; pairs with id -1 are skipped (their experts are computed elsewhere). x (T, D) f32, topk_ids
+    (T, K) int, topk_weights (T, K) f32 -> (T, D) f32, torch or numpy as x is. Runs on
+    numba.get_num_threads() threads (set per calling thread) without holding the GIL."""
     global _compiled
     xn = _numpy(x, np.float32, "x")
     ids = _numpy(topk_ids, np.int64, "topk_ids")
@@ -140,8 +145,9 @@ def moe_ffn(x, topk_ids, topk_weights, experts: ExpertTensors, out=None):
         raise ValueError(f"moe_ffn needs x (T, {experts.hidden}) and topk_ids, topk_weights (T, K); got "
                          f"{tuple(xn.shape)}, {tuple(ids.shape)}, {tuple(wts.shape)}")
     T, D = xn.shape
-    if ids.size and (ids.min() < 0 or ids.max() >= experts.n_expert):
-        raise ValueError(f"expert ids must be in [0, {experts.n_expert}), got {ids.min()}..{ids.max()}")
+    if ids.size and (ids.min() < -1 or ids.max() >= experts.n_expert):
+        raise ValueError(f"expert ids must be in [0, {experts.n_expert}) or -1 (not computed here), got "
+                         f"{ids.min()}..{ids.max()}")
     out_n = np.empty((T, D), np.float32) if out is None else _numpy(out, None, "out")
     if out_n.shape != (T, D) or out_n.dtype != np.float32 or not out_n.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous float32 ({T}, {D}), got {out_n.dtype} {tuple(out_n.shape)}")

@@ -1,45 +1,34 @@
-"""Dot products of a tile of weight rows with a few activation rows, straight from GGUF blocks (Numba).
+"""Dot products of a range of weight rows with a few activation rows, straight from GGUF blocks (Numba).
 
-K-quants: activations are quantized once per call to 11-bit integers held in int16, in blocks of 256 (one
-float scale per block, like llama.cpp's Q8_K, which has 8 bits), with int32 sums over groups of 16 for the
-min terms. The weights of a 256-value super-block are unpacked once into an int16 scratch with the
-sub-block scales folded in (kernels/cpu/blocks.py) and dotted with each token of the tile: one integer
-loop `sum(int32(wq[l]) * int32(x16[l]))`, which LLVM compiles to vpmaddwd (16 products summed in pairs
-per 256-bit instruction on Emerald Rapids, 512-bit on Zen 4), and one horizontal sum per super-block.
-32-value block types (Q4_0 .. Q8_0) and F32 / F16 / BF16: a chunk of 256 values is dequantized to float32
-and dotted in float32 with the unquantized activations, four tokens per pass (vfmadd231ps).
+Quantized types: activations are quantized once per call to 11-bit integers held in int16, in blocks of 256
+(one float scale per block, like llama.cpp's Q8_K, which has 8 bits), with int32 sums over groups of 16 for
+the mins and offsets. Each weight block is dotted with them in 256-bit integer vectors (kernels/cpu/blocks.py),
+the block's float scales applied to 8 int32 lanes, and one horizontal sum per row and token.
+F32 / F16 / BF16: a chunk of 256 values is converted to float32 and dotted in float32 with the unquantized
+activations, four tokens per pass.
 
-Single-core microbenchmarks on Zen 4 that chose this (Q4_K, 256 rows of 2048, cached; NOTES.md): float32
-dequantize-and-dot 7.4 G weights/s, int8 activations with a horizontal sum per 32 values 10.3, the int16
-scratch with folded scales 13.4. For the 32-value types the int16 path needs a horizontal sum and a float
-scale per 32 values, which LLVM left scalar; the float path was faster and is exact.
+One Zen 4 core, T = 1, G weights/s in L2 / streamed from DRAM, the scratch and float kernels before -> these
+(NOTES.md): Q4_K 10.2 / 9.9 -> 23.0 / 21.4, Q8_0 7.4 / 7.1 -> 30.2 / 24.1, Q5_0 3.6 / 3.4 -> 20.9 / 20.1.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from dslocal.kernels.cpu.blocks import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
-                                        Q6_K, Q8_0, _unpack_bf16, _unpack_f16, _unpack_f32, _unpack_q2_k,
-                                        _unpack_q3_k, _unpack_q4_0, _unpack_q4_1, _unpack_q4_k, _unpack_q5_0,
-                                        _unpack_q5_1, _unpack_q5_k, _unpack_q6_k, _unpack_q8_0, _byte, _f16,
-                                        _k4_scale_min)
+from dslocal.kernels.cpu.blocks import (BF16, F16, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
+                                        _hsum, _q2_k, _q3_k, _q4_0, _q4_1, _q4_k, _q5_0, _q5_1, _q5_k, _q6_k,
+                                        _q8_0, _zero)
 
-i16, i32, u64, f32 = np.int16, np.int32, np.uint64, np.float32
+i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
 GROUP = 16        # activation values per int32 sum
-# Activations are rounded to 11-bit integers (|q| <= 1023), not 8-bit ones: the dot loops multiply int16 by
-# int16 anyway, so the extra bits cost nothing, and they cut the rounding error of silu(g) * u (heavy-tailed,
-# so its block maxima sit far from its typical values) about 65-fold. The largest weight in the int16
-# scratch is 4064 (Q6_K: 127 * 32), and 256 * 4064 * 1023 < 2**31, so a super-block's dot fits int32.
+# Activations are rounded to 11-bit integers (|q| <= 1023), not 8-bit ones: the dot multiplies int16 by int16
+# anyway, so the extra bits cost nothing, and they cut the rounding error of silu(g) * u (heavy-tailed, so
+# its block maxima sit far from its typical values) about 65-fold. Every quant times its integer scale fits
+# int16 (Q6_K: 63 * 128), a pmaddwd pair of those times 1023 and 16 of them per int32 lane fit int32, and a
+# group sum (16 * 1023) fits int16 (blocks.py loads xs as int16 lanes).
 XMAX = 1023
-LANES = 32        # values per sub-block loop, passed down from Python as an argument (see blocks.py)
-
-# bytes per block and values per block, indexed by type id (a tuple, so Numba folds it into constants)
-_TYPE_SIZE = tuple({F32: 4, F16: 2, BF16: 2, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34,
-                    Q2_K: 84, Q3_K: 110, Q4_K: 144, Q5_K: 176, Q6_K: 210}.get(t, 0) for t in range(31))
-_BLOCK = tuple(256 if t in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) else 32 if _TYPE_SIZE[t] > 4 else 1
-               for t in range(31))
+LANES = 32        # no kernel reads it any more; rows_dot keeps the argument because moe.py passes it
 
 
 def activation_shapes(n: int, d: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -82,63 +71,107 @@ def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, lanes):
 
     w: uint8 (E, R, row_bytes) raw GGUF blocks; src: int64 (>= n_src,) rows of x16 / xd / xs / xf;
     x16 int16 (N, D), xd f32 (N, ceil(D/256)), xs int32 (N, D/16), xf f32 (N, D); res f32 (>= n_src, >= r1-r0).
-    lanes: LANES, the values of a sub-block, as an argument LLVM cannot see (see kernels/cpu/blocks.py).
-    One compiled kernel per type: LLVM vectorised the same loops far less reliably in one function of all types.
-    One activation row (decode) skips the scratch for Q4_K and Q8_0: the weights go straight into the dot.
+    lanes: LANES, unused. One compiled kernel per type.
     """
-    if n_src == 1 and t == Q4_K:
-        _rows1_q4_k(w, e, r0, r1, src[0], x16, xd, xs, res, lanes)
-    elif n_src == 1 and t == Q8_0:
-        _rows1_q8_0(w, e, r0, r1, src[0], xf, res, lanes)
-    elif t == Q4_K:
-        _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, lanes)
+    if t == Q4_K:
+        _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q5_K:
-        _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, lanes)
+        _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q6_K:
-        _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, lanes)
+        _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q2_K:
-        _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, lanes)
+        _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q3_K:
-        _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, lanes)
+        _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q8_0:
-        _rows_q8_0(w, e, r0, r1, src, n_src, xf, res, lanes)
+        _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q4_0:
-        _rows_q4_0(w, e, r0, r1, src, n_src, xf, res, lanes)
+        _rows_q4_0(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q4_1:
-        _rows_q4_1(w, e, r0, r1, src, n_src, xf, res, lanes)
+        _rows_q4_1(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q5_0:
-        _rows_q5_0(w, e, r0, r1, src, n_src, xf, res, lanes)
+        _rows_q5_0(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q5_1:
-        _rows_q5_1(w, e, r0, r1, src, n_src, xf, res, lanes)
+        _rows_q5_1(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == BF16:
-        _rows_bf16(w, e, r0, r1, src, n_src, xf, res, lanes)
+        _rows_bf16(w, e, r0, r1, src, n_src, xf, res)
     elif t == F16:
-        _rows_f16(w, e, r0, r1, src, n_src, xf, res, lanes)
+        _rows_f16(w, e, r0, r1, src, n_src, xf, res)
     else:
-        _rows_f32(w, e, r0, r1, src, n_src, xf, res, lanes)
+        _rows_f32(w, e, r0, r1, src, n_src, xf, res)
 
 
 @njit(inline="always")
-def _dot_k(c, d, dmin, wq, mins, src, n_src, x16, xd, xs, res, j, L):
-    """res[i, j] += super-block c of a K-quant row (wq, mins, d, dmin) . activation row src[i]. The loop
-    runs to 8 * L (256) for the reason in blocks.py. One token per loop on purpose: with one int32
-    accumulator LLVM emits vpmaddwd (16 products summed in pairs per instruction); four tokens sharing
-    each load of wq turned it into vpmovsxwd + vpmulld, twice the instructions."""
-    for i in range(n_src):
-        s = src[i]
-        a = i32(0)
-        for l in range(8 * L):   # unsigned index: no wraparound code, so LLVM vectorises (see blocks.py)
-            a = i32(a + i32(wq[l]) * i32(x16[s, u64(QB * c + l)]))
-        res[i, j] += _k_scale(c, d, dmin, a, mins, s, xd, xs, L)
+def _rows(block, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    """res[i, r - r0] = row r . activation row src[i], one `block` (kernels/cpu/blocks.py) at a time. Tokens
+    loop inside rows: the row stays in L1 while each token's activations (4 KB per 2048 values) come from L2.
+    Even and odd blocks go to two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one,
+    32-value types unchanged (NOTES.md)."""
+    R, row_bytes = w.shape[1], w.shape[2]
+    n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
+    for r in range(r0, r1):
+        p = (e * R + r) * row_bytes
+        for i in range(n_src):
+            s = src[i]
+            acc0, acc1 = _zero(), _zero()
+            for j in range(0, n_blocks - 1, 2):   # unsigned j: the scale's index is a shift, no sign fix-ups
+                acc0 = block(acc0, w, p + n_bytes * j, x16, xs, s, n_values * j, xd[s, u64(j) // per_scale])
+                acc1 = block(acc1, w, p + n_bytes * (j + 1), x16, xs, s, n_values * (j + 1),
+                             xd[s, u64(j + 1) // per_scale])
+            if n_blocks % 2:
+                j = n_blocks - 1
+                acc0 = block(acc0, w, p + n_bytes * j, x16, xs, s, n_values * j, xd[s, u64(j) // per_scale])
+            res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
 
 
-@njit(inline="always")
-def _k_scale(c, d, dmin, isum, mins, s, xd, xs, L):
-    """xd * (d * isum - dmin * sum_g mins[g] * xs[g]) for super-block c and activation row s."""
-    msum = i32(0)
-    for g in range(L >> 1):
-        msum = i32(msum + mins[g] * xs[s, u64(16 * c + g)])
-    return xd[s, c] * (d * f32(isum) - dmin * f32(msum))
+@njit(cache=True, nogil=True)
+def _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q4_k, 144, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q5_k, 176, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q6_k, 210, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q2_k, 84, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q3_k, 110, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q8_0, 34, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q4_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q4_0, 18, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q4_1(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q4_1, 20, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q5_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q5_0, 22, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q5_1(w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    _rows(_q5_1, 24, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(inline="always")
@@ -170,183 +203,59 @@ def _dot_f(c, n, wf, src, n_src, xf, res, j):
 
 
 @njit(inline="always")
-def _zero(res, n_src, j):
+def _clear(res, n_src, j):
     for i in range(n_src):
         res[i, j] = 0
 
 
-# K-quants: per super-block one integer dot per token, then d * isum - dmin * mins . sums
-
-@njit(cache=True, nogil=True)
-def _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, L):
-    wq, mins = np.empty(QB, np.int16), np.empty(16, np.int32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range(w.shape[2] // 144):
-            d, dmin = _unpack_q4_k(w, e, r, c, wq, mins, L)
-            _dot_k(c, d, dmin, wq, mins, src, n_src, x16, xd, xs, res, r - r0, L)
-
-
-@njit(cache=True, nogil=True)
-def _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, L):
-    wq, mins = np.empty(QB, np.int16), np.empty(16, np.int32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range(w.shape[2] // 176):
-            d, dmin = _unpack_q5_k(w, e, r, c, wq, mins, L)
-            _dot_k(c, d, dmin, wq, mins, src, n_src, x16, xd, xs, res, r - r0, L)
-
-
-@njit(cache=True, nogil=True)
-def _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, L):
-    wq, mins = np.empty(QB, np.int16), np.empty(16, np.int32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range(w.shape[2] // 210):
-            d, dmin = _unpack_q6_k(w, e, r, c, wq, mins, L)
-            _dot_k(c, d, dmin, wq, mins, src, n_src, x16, xd, xs, res, r - r0, L)
-
-
-@njit(cache=True, nogil=True)
-def _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, L):
-    wq, mins = np.empty(QB, np.int16), np.empty(16, np.int32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range(w.shape[2] // 84):
-            d, dmin = _unpack_q2_k(w, e, r, c, wq, mins, L)
-            _dot_k(c, d, dmin, wq, mins, src, n_src, x16, xd, xs, res, r - r0, L)
-
-
-@njit(cache=True, nogil=True)
-def _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, L):
-    wq, mins = np.empty(QB, np.int16), np.empty(16, np.int32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range(w.shape[2] // 110):
-            d, dmin = _unpack_q3_k(w, e, r, c, wq, mins, L)
-            _dot_k(c, d, dmin, wq, mins, src, n_src, x16, xd, xs, res, r - r0, L)
-
-
-# One activation row (decode, T = 1): no token shares the unpacked weights, so writing them to a scratch and
-# reading them back is pure cost. Q4_K: eight int32 sums, one per sub-block, of nibble * x16 (each product
-# fits int16: 15 * 1023), scaled once per super-block. Q8_0: one float sum per block, scaled by d.
-# One core, 512 rows of 2048 in L2, G weights/s: Q4_K 10.1 -> 10.9 (Zen 4), 7.3 -> 7.6 (GPU box); Q8_0
-# 5.2 -> 7.7, 5.4 -> 5.6. The V3 Q4_K decode layer on the GPU box: 1.17-1.19x (NOTES.md).
-
-@njit(cache=True, nogil=True)
-def _rows1_q4_k(w, e, r0, r1, s, x16, xd, xs, res, L):
-    for r in range(r0, r1):
-        acc = f32(0)
-        for c in range(w.shape[2] // 144):
-            o, xo, g = c * 144, QB * c, 16 * c
-            s0, m0 = _k4_scale_min(w, e, r, o + 4, 0)
-            s1, m1 = _k4_scale_min(w, e, r, o + 4, 1)
-            s2, m2 = _k4_scale_min(w, e, r, o + 4, 2)
-            s3, m3 = _k4_scale_min(w, e, r, o + 4, 3)
-            s4, m4 = _k4_scale_min(w, e, r, o + 4, 4)
-            s5, m5 = _k4_scale_min(w, e, r, o + 4, 5)
-            s6, m6 = _k4_scale_min(w, e, r, o + 4, 6)
-            s7, m7 = _k4_scale_min(w, e, r, o + 4, 7)
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = i32(0)
-            for l in range(L):   # layout as in blocks.py::_unpack_q4_k
-                v0, v1 = _byte(w, e, r, o + 16 + l), _byte(w, e, r, o + 48 + l)
-                v2, v3 = _byte(w, e, r, o + 80 + l), _byte(w, e, r, o + 112 + l)
-                a0 = i32(a0 + i32(i16(v0 & 15) * x16[s, u64(xo + l)]))
-                a1 = i32(a1 + i32(i16(v0 >> 4) * x16[s, u64(xo + 32 + l)]))
-                a2 = i32(a2 + i32(i16(v1 & 15) * x16[s, u64(xo + 64 + l)]))
-                a3 = i32(a3 + i32(i16(v1 >> 4) * x16[s, u64(xo + 96 + l)]))
-                a4 = i32(a4 + i32(i16(v2 & 15) * x16[s, u64(xo + 128 + l)]))
-                a5 = i32(a5 + i32(i16(v2 >> 4) * x16[s, u64(xo + 160 + l)]))
-                a6 = i32(a6 + i32(i16(v3 & 15) * x16[s, u64(xo + 192 + l)]))
-                a7 = i32(a7 + i32(i16(v3 >> 4) * x16[s, u64(xo + 224 + l)]))
-            isum = s0 * a0 + s1 * a1 + s2 * a2 + s3 * a3 + s4 * a4 + s5 * a5 + s6 * a6 + s7 * a7
-            msum = (m0 * (xs[s, g] + xs[s, g + 1]) + m1 * (xs[s, g + 2] + xs[s, g + 3])
-                    + m2 * (xs[s, g + 4] + xs[s, g + 5]) + m3 * (xs[s, g + 6] + xs[s, g + 7])
-                    + m4 * (xs[s, g + 8] + xs[s, g + 9]) + m5 * (xs[s, g + 10] + xs[s, g + 11])
-                    + m6 * (xs[s, g + 12] + xs[s, g + 13]) + m7 * (xs[s, g + 14] + xs[s, g + 15]))
-            acc += xd[s, c] * (_f16(w, e, r, o) * f32(isum) - _f16(w, e, r, o + 2) * f32(msum))
-        res[0, r - r0] = acc
-
-
-# Float-dotted types: dequantize a chunk to float32 and dot it with the unquantized activations; fastmath's
-# reassociation lets LLVM keep 16-lane partial sums (and contract d * q + m into one FMA).
+# F32 / F16 / BF16: values 256c .. 256c + n - 1 of row r into a float32 scratch (wb: its uint32 view, the
+# values are assembled from bits), dotted with the unquantized activations; fastmath's reassociation lets LLVM
+# keep 16-lane partial sums.
 FAST = {"reassoc", "contract"}
 
-@njit(cache=True, nogil=True, fastmath=FAST)
-def _rows1_q8_0(w, e, r0, r1, s, xf, res, L):
-    for r in range(r0, r1):
-        acc = f32(0)
-        for j in range(w.shape[2] // 34):   # block_q8_0 as in blocks.py::_unpack_q8_0
-            o = j * 34
-            a = f32(0)
-            for l in range(L):
-                v = _byte(w, e, r, o + 2 + l)
-                a += f32(i32(v - ((v & 128) << 1))) * xf[s, u64(32 * j + l)]
-            acc += _f16(w, e, r, o) * a
-        res[0, r - r0] = acc
+
+@njit(inline="always")
+def _byte(w, e, r, i):
+    """Byte i of row r of expert e as int32 (unsigned index: no negative-index wraparound code in the loops)."""
+    return i32(w[e, r, u64(i)])
+
+
+@njit(inline="always")
+def _u32le(w, e, r, o):
+    return (u32(_byte(w, e, r, o)) | (u32(_byte(w, e, r, o + 1)) << 8) |
+            (u32(_byte(w, e, r, o + 2)) << 16) | (u32(_byte(w, e, r, o + 3)) << 24))
+
+
+@njit(inline="always")
+def _unpack_f32(w, e, r, c, n, wb):
+    for l in range(n):
+        wb[l] = _u32le(w, e, r, 4 * (256 * c + l))
+
+
+@njit(inline="always")
+def _unpack_bf16(w, e, r, c, n, wb):
+    for l in range(n):   # bf16 is the top half of a float32 (ggml_bf16_to_fp32)
+        o = 2 * (256 * c + l)
+        wb[l] = (u32(_byte(w, e, r, o)) << 16) | (u32(_byte(w, e, r, o + 1)) << 24)
+
+
+@njit(inline="always")
+def _unpack_f16(w, e, r, c, n, wb, wf):
+    for l in range(n):   # fp16: move sign, exponent and mantissa into place, then rescale the exponent
+        o = 2 * (256 * c + l)
+        h = u32(_byte(w, e, r, o)) | (u32(_byte(w, e, r, o + 1)) << 8)
+        b = ((h & 0x7FFF) << 13) | ((h & 0x8000) << 16)
+        wb[l] = b | u32(0x7F800000) if (h & 0x7C00) == 0x7C00 else b
+    for l in range(n):   # 2**112 = 2**(127 - 15): exact for normals and subnormals; inf and NaN stay
+        wf[l] *= f32(5.192296858534828e33)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
-def _rows_q8_0(w, e, r0, r1, src, n_src, xf, res, L):
-    n_vals, wf = _n_values(w, Q8_0), np.empty(QB, np.float32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range((n_vals + QB - 1) // QB):
-            n = min(QB, n_vals - QB * c)
-            _unpack_q8_0(w, e, r, c, n, wf, L)
-            _dot_f(c, n, wf, src, n_src, xf, res, r - r0)
-
-
-@njit(cache=True, nogil=True, fastmath=FAST)
-def _rows_q4_0(w, e, r0, r1, src, n_src, xf, res, L):
-    n_vals, wf = _n_values(w, Q4_0), np.empty(QB, np.float32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range((n_vals + QB - 1) // QB):
-            n = min(QB, n_vals - QB * c)
-            _unpack_q4_0(w, e, r, c, n, wf, L)
-            _dot_f(c, n, wf, src, n_src, xf, res, r - r0)
-
-
-@njit(cache=True, nogil=True, fastmath=FAST)
-def _rows_q4_1(w, e, r0, r1, src, n_src, xf, res, L):
-    n_vals, wf = _n_values(w, Q4_1), np.empty(QB, np.float32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range((n_vals + QB - 1) // QB):
-            n = min(QB, n_vals - QB * c)
-            _unpack_q4_1(w, e, r, c, n, wf, L)
-            _dot_f(c, n, wf, src, n_src, xf, res, r - r0)
-
-
-@njit(cache=True, nogil=True, fastmath=FAST)
-def _rows_q5_0(w, e, r0, r1, src, n_src, xf, res, L):
-    n_vals, wf = _n_values(w, Q5_0), np.empty(QB, np.float32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range((n_vals + QB - 1) // QB):
-            n = min(QB, n_vals - QB * c)
-            _unpack_q5_0(w, e, r, c, n, wf, L)
-            _dot_f(c, n, wf, src, n_src, xf, res, r - r0)
-
-
-@njit(cache=True, nogil=True, fastmath=FAST)
-def _rows_q5_1(w, e, r0, r1, src, n_src, xf, res, L):
-    n_vals, wf = _n_values(w, Q5_1), np.empty(QB, np.float32)
-    for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
-        for c in range((n_vals + QB - 1) // QB):
-            n = min(QB, n_vals - QB * c)
-            _unpack_q5_1(w, e, r, c, n, wf, L)
-            _dot_f(c, n, wf, src, n_src, xf, res, r - r0)
-
-
-@njit(cache=True, nogil=True, fastmath=FAST)
-def _rows_bf16(w, e, r0, r1, src, n_src, xf, res, L):
-    n_vals, wb = _n_values(w, BF16), np.empty(QB, np.uint32)
+def _rows_bf16(w, e, r0, r1, src, n_src, xf, res):
+    n_vals, wb = w.shape[2] // 2, np.empty(QB, np.uint32)
     wf = wb.view(np.float32)
     for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
+        _clear(res, n_src, r - r0)
         for c in range((n_vals + QB - 1) // QB):
             n = min(QB, n_vals - QB * c)
             _unpack_bf16(w, e, r, c, n, wb)
@@ -354,11 +263,11 @@ def _rows_bf16(w, e, r0, r1, src, n_src, xf, res, L):
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
-def _rows_f16(w, e, r0, r1, src, n_src, xf, res, L):
-    n_vals, wb = _n_values(w, F16), np.empty(QB, np.uint32)
+def _rows_f16(w, e, r0, r1, src, n_src, xf, res):
+    n_vals, wb = w.shape[2] // 2, np.empty(QB, np.uint32)
     wf = wb.view(np.float32)
     for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
+        _clear(res, n_src, r - r0)
         for c in range((n_vals + QB - 1) // QB):
             n = min(QB, n_vals - QB * c)
             _unpack_f16(w, e, r, c, n, wb, wf)
@@ -366,18 +275,12 @@ def _rows_f16(w, e, r0, r1, src, n_src, xf, res, L):
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
-def _rows_f32(w, e, r0, r1, src, n_src, xf, res, L):
-    n_vals, wb = _n_values(w, F32), np.empty(QB, np.uint32)
+def _rows_f32(w, e, r0, r1, src, n_src, xf, res):
+    n_vals, wb = w.shape[2] // 4, np.empty(QB, np.uint32)
     wf = wb.view(np.float32)
     for r in range(r0, r1):
-        _zero(res, n_src, r - r0)
+        _clear(res, n_src, r - r0)
         for c in range((n_vals + QB - 1) // QB):
             n = min(QB, n_vals - QB * c)
             _unpack_f32(w, e, r, c, n, wb)
             _dot_f(c, n, wf, src, n_src, xf, res, r - r0)
-
-
-@njit(inline="always")
-def _n_values(w, t):
-    return w.shape[2] // _TYPE_SIZE[t] * _BLOCK[t]
-

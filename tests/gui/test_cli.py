@@ -20,8 +20,8 @@ def test_unknown_option_is_a_usage_error(capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_bench_passes_its_options_on(tiny_gguf, capsys):
-    rc = cli.main(["bench", "--gguf", tiny_gguf("tiny-v2", "q8_0"), "--prompt-len", "8", "--gen", "4",
-                   "--repeat", "1"])
+def test_bench_passes_its_options_on(tiny_gguf, capsys, tmp_path):
+    rc = cli.main(["bench", "--gguf", tiny_gguf("tiny-v2", "q8_0"), "--prompt-lengths", "8", "--gen", "4",
+                   "--repeat", "1", "--dram-gib", "0.25", "--json", str(tmp_path / "bench.json")])
     out = capsys.readouterr().out
     assert rc == 0 and "prefill_tokens_per_s" in out

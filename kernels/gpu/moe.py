@@ -1,0 +1,275 @@
+"""The routed experts that live on the GPU: one MoE layer's FFN straight from GGUF blocks (Triton).
+
+Letters: T tokens, D hidden, K experts per token, E experts on the GPU, F expert ffn, P = T * K pairs.
+
+Decode (P <= DECODE_PAIRS): two Triton GEMV launches and one torch sum, with no host synchronisation, so
+a CUDA graph can capture them. One program per (pair, BLOCK_R output rows) loops over the row's blocks,
+unpacking each sub-block with integer ops in registers (kernels/gpu/dequant.py::unpack_part) and dotting
+it with x in float32; the quantized bytes are read once per pair. A pair whose expert id is -1 lives on
+the CPU: its programs read nothing and its down output is zero.
+  1. h[p] = silu(gate_e x[t]) * up_e x[t]             (P, F) float32
+  2. y[p] = w[p] * down_e h[p]                         (P, D) float32
+  3. out[t] = sum_k y[t, k]                            (T, D) float32
+Prefill (more pairs): pairs sorted by expert, each used expert dequantized once to `experts.dtype` and
+multiplied with torch; this path synchronises (it reads the per-expert counts).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from dslocal.kernels.experts import ExpertTensors
+from dslocal.kernels.gpu.dequant import LAYOUT, dequantize, unpack_part
+from dslocal.quant.ggml import TYPE_INFO, GGMLType
+
+T_ = GGMLType
+# Types kept as GGUF blocks on the GPU; must match offload/planner.py KEEP_ON_GPU, which counts them (and
+# F32 / F16 / BF16, kept in their own dtype) at file size. Every other type is dequantized at load.
+KEEP_BLOCKS = frozenset({T_.Q4_K, T_.Q6_K, T_.Q8_0})
+_PLAIN = {T_.F32: torch.float32, T_.F16: torch.float16, T_.BF16: torch.bfloat16}
+DECODE_PAIRS = 64    # at most this many (token, expert) pairs take the graph-capturable GEMV path
+BLOCK_R = 16         # output rows per program
+VALUES_PER_STEP = 256   # columns per loop step: one K-quant super-block, 8 Q8_0 blocks, 8 dense chunks
+
+
+def _host_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only array (a view of the memory-mapped file) that is only ever read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+@dataclass(frozen=True, eq=False)   # eq would compare tensors elementwise
+class GPUExperts:
+    """gate, up: (E, F, row_bytes(D)) uint8 blocks or (E, F, D) dense; down: (E, D, row_bytes(F)) or (E, D, F).
+
+    A matrix is blocks iff its GGUF type is in KEEP_BLOCKS; `dtype` is the dense dtype of dequantized types
+    and the compute dtype of the prefill path.
+    """
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_type: GGMLType
+    up_type: GGMLType
+    down_type: GGMLType
+    hidden: int
+    ffn: int
+    dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        E, D, F = self.gate.shape[0], self.hidden, self.ffn
+        for name, rows, cols in (("gate", F, D), ("up", F, D), ("down", D, F)):
+            a, t = getattr(self, name), GGMLType(getattr(self, name + "_type"))
+            info = TYPE_INFO[t]
+            blocks = t in KEEP_BLOCKS
+            want = (E, rows, cols // info.block_size * info.type_size) if blocks else (E, rows, cols)
+            if (a.dtype == torch.uint8) != blocks or tuple(a.shape) != want or not a.is_contiguous() or \
+                    (cols % info.block_size and blocks) or a.device != self.gate.device:
+                raise ValueError(f"ffn_{name}_exps ({t.name}) must be contiguous "
+                                 f"{'uint8 blocks' if blocks else 'float'} {want} on {self.gate.device}, "
+                                 f"got {a.dtype} {tuple(a.shape)} on {a.device}")
+            object.__setattr__(self, name + "_type", t)
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"GPUExperts.dtype must be float32, float16 or bfloat16, not {self.dtype}")
+
+    @classmethod
+    def from_experts(cls, experts: ExpertTensors, ids: Sequence[int], device,
+                     dtype: torch.dtype = torch.bfloat16, staging: torch.Tensor | None = None) -> GPUExperts:
+        """Copy experts `ids` (global ids; local id i is ids[i]) of one layer to `device`. staging: a pinned
+        uint8 buffer of at least staging_bytes(experts, len(ids)) to copy through asynchronously (the
+        caller keeps it untouched until the current stream has passed the copies)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= experts.n_expert):
+            raise ValueError(f"expert ids must be in [0, {experts.n_expert}), got {ids.tolist()}")
+        # a run of consecutive ids is a slice of the file's memory map: no gather copy on the host
+        run = ids.size and (np.diff(ids) == 1).all()
+        mats, used = [], 0
+        for name in ("gate", "up", "down"):
+            t = getattr(experts, name + "_type")
+            host = getattr(experts, name)
+            host = host[ids[0]:ids[-1] + 1] if run else host[ids]                # (E, rows, row_bytes)
+            if staging is None:
+                raw = _host_tensor(host).to(device)
+            else:
+                pinned = staging[used:used + host.nbytes].view(host.shape)
+                pinned.copy_(_host_tensor(host))
+                raw = pinned.to(device, non_blocking=True)
+                used += host.nbytes
+            if t not in KEEP_BLOCKS:
+                raw = dequantize(raw, t, _PLAIN.get(t, dtype))               # (E, rows, cols)
+            mats.append(raw)
+        return cls(*mats, experts.gate_type, experts.up_type, experts.down_type,
+                   experts.hidden, experts.ffn, dtype)
+
+    @staticmethod
+    def staging_bytes(experts: ExpertTensors, n: int) -> int:
+        """Host bytes of n experts' blocks: what from_experts' staging buffer must hold."""
+        return n * sum(getattr(experts, m).nbytes // experts.n_expert for m in ("gate", "up", "down"))
+
+    @property
+    def n_expert(self) -> int:
+        return self.gate.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes of the three matrices on the device."""
+        return sum(a.numel() * a.element_size() for a in (self.gate, self.up, self.down))
+
+    def matrix(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dense (rows, cols) weights of local expert e's `name` matrix ('gate', 'up', 'down') in dtype."""
+        a, t = getattr(self, name)[e], getattr(self, name + "_type")
+        return dequantize(a, t, dtype) if t in KEEP_BLOCKS else a.to(dtype)
+
+
+@triton.jit
+def _rows_dot(p_w, o_r, m_r, row_stride, n_cols, p_x, WTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              TYPE_SIZE: tl.constexpr, PART: tl.constexpr, BLOCK_B: tl.constexpr, EVEN: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """float32 (BLOCK_R,): rows o_r of the matrix at p_w (row_stride apart) dotted with x (n_cols,) at p_x.
+
+    WTYPE "DENSE" reads a float matrix (strides in elements) in chunks of BLOCK_SIZE values; other WTYPEs
+    read GGUF blocks (strides in bytes). EVEN: n_cols is whole chunks, so no column needs its own mask
+    (a per-column mask stops the compiler from vectorizing the loads).
+    """
+    o_l = tl.arange(0, PART)[None, None, :]
+    p_row = p_w + o_r[:, None, None] * row_stride
+    n_blocks = tl.cdiv(n_cols, BLOCK_SIZE)
+    acc = tl.zeros((BLOCK_R, BLOCK_B, PART), dtype=tl.float32)   # summed once, after the loop
+    for b0 in range(0, n_blocks, BLOCK_B):
+        o_b = (b0 + tl.arange(0, BLOCK_B))[None, :, None]
+        m_blk = o_b < n_blocks
+        m_b = m_r[:, None, None] & m_blk
+        p_b = p_row + o_b * TYPE_SIZE
+        for j in tl.static_range(BLOCK_SIZE // PART):
+            o_c = o_b * BLOCK_SIZE + j * PART + o_l           # (1, BLOCK_B, PART) columns
+            if EVEN:
+                m_x = m_blk
+            else:
+                m_x = m_blk & (o_c < n_cols)
+            if WTYPE == "DENSE":
+                b_w = tl.load(p_b + j * PART + o_l, mask=m_b & m_x, other=0.0).to(tl.float32)
+            else:
+                b_w = unpack_part(p_b, j, o_l, m_b, WTYPE)
+            b_x = tl.load(p_x + o_c, mask=m_x, other=0.0).to(tl.float32)
+            acc += b_w * b_x
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def _gate_up_kernel(p_x, p_ids, p_g, p_u, p_h, K, D, F,
+                    g_expert_stride, g_row_stride, u_expert_stride, u_row_stride,
+                    G_TYPE: tl.constexpr, G_BS: tl.constexpr, G_TS: tl.constexpr, G_PART: tl.constexpr,
+                    G_BB: tl.constexpr, G_EVEN: tl.constexpr,
+                    U_TYPE: tl.constexpr, U_BS: tl.constexpr, U_TS: tl.constexpr,
+                    U_PART: tl.constexpr, U_BB: tl.constexpr, U_EVEN: tl.constexpr, BLOCK_R: tl.constexpr):
+    """h (P, F) f32 = silu(gate_e x[t]) * up_e x[t] for pair p = t*K + k, e = ids[p] >= 0; x (T, D)."""
+    i_p, i_r = tl.program_id(0), tl.program_id(1)
+    e = tl.load(p_ids + i_p)            # int64: expert offsets can pass 2^31 bytes
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < F
+    if e >= 0:
+        p_xt = p_x + (i_p // K) * D
+        g = _rows_dot(p_g + e * g_expert_stride, o_r, m_r, g_row_stride, D, p_xt,
+                      G_TYPE, G_BS, G_TS, G_PART, G_BB, G_EVEN, BLOCK_R)
+        u = _rows_dot(p_u + e * u_expert_stride, o_r, m_r, u_row_stride, D, p_xt,
+                      U_TYPE, U_BS, U_TS, U_PART, U_BB, U_EVEN, BLOCK_R)
+        tl.store(p_h + i_p * F + o_r, g / (1.0 + tl.exp(-g)) * u, mask=m_r)
+
+
+@triton.jit
+def _down_kernel(p_h, p_ids, p_wts, p_d, p_y, D, F, expert_stride, row_stride,
+                 W_TYPE: tl.constexpr, W_BS: tl.constexpr, W_TS: tl.constexpr, W_PART: tl.constexpr,
+                 W_BB: tl.constexpr, W_EVEN: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y (P, D) f32 = w[p] * down_e h[p] for e = ids[p] >= 0, and 0 where ids[p] = -1; h (P, F)."""
+    i_p, i_r = tl.program_id(0), tl.program_id(1)
+    e = tl.load(p_ids + i_p)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < D
+    b_y = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if e >= 0:
+        b_y = _rows_dot(p_d + e * expert_stride, o_r, m_r, row_stride, F, p_h + i_p * F,
+                        W_TYPE, W_BS, W_TS, W_PART, W_BB, W_EVEN, BLOCK_R) * tl.load(p_wts + i_p)
+    tl.store(p_y + i_p * D + o_r, b_y, mask=m_r)
+
+
+def _gemv_meta(t: GGMLType, cols: int, prefix: str) -> dict:
+    """Constexpr arguments of _rows_dot for one matrix of `cols` columns: stored as blocks (by type) or dense."""
+    if t in KEEP_BLOCKS:
+        info, part = TYPE_INFO[t], LAYOUT[t].part
+        name, bs, ts = t.name, info.block_size, info.type_size
+    else:
+        name, bs, ts, part = "DENSE", 32, 32, 32
+    return {f"{prefix}_TYPE": name, f"{prefix}_BS": bs, f"{prefix}_TS": ts, f"{prefix}_PART": part,
+            f"{prefix}_BB": max(1, VALUES_PER_STEP // bs), f"{prefix}_EVEN": cols % bs == 0}
+
+
+def _check(x, topk_ids, topk_weights, experts: GPUExperts):
+    T, D = x.shape
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or D != experts.hidden:
+        raise ValueError(f"x must be float (T, {experts.hidden}), got {x.dtype} {tuple(x.shape)}")
+    if topk_ids.dtype != torch.int64 or topk_ids.ndim != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must be int64 (T={T}, K), got {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    if topk_weights.dtype != torch.float32 or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights must be float32 {tuple(topk_ids.shape)}, got {topk_weights.dtype} "
+                         f"{tuple(topk_weights.shape)}")
+    if experts.gate.device != x.device:
+        raise ValueError(f"x is on {x.device} but the experts are on {experts.gate.device}")
+
+
+def moe_ffn(x, topk_ids, topk_weights, experts: GPUExperts, out=None):
+    """out[t] = sum_k w[t,k] * down_e(silu(gate_e x[t]) * up_e x[t]), e = ids[t,k] local, -1 skipped.
+    x (T, D) f32/bf16, topk_ids (T, K) int64, topk_weights (T, K) f32 -> (T, D) f32 (into `out` if given)."""
+    _check(x, topk_ids, topk_weights, experts)
+    T, D = x.shape
+    if out is None:
+        out = torch.empty(T, D, dtype=torch.float32, device=x.device)
+    elif out.shape != (T, D) or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 {(T, D)}, got {out.dtype} {tuple(out.shape)}")
+    if experts.n_expert == 0 or topk_ids.numel() == 0:
+        return out.zero_()
+    if topk_ids.numel() <= DECODE_PAIRS:
+        return _decode(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), experts, out)
+    return _prefill(x, topk_ids, topk_weights, experts, out)
+
+
+def _decode(x, ids, wts, ex: GPUExperts, out):
+    """The GEMV path: fixed grids from shapes only, ids read on the device."""
+    (T, K), D, F = ids.shape, ex.hidden, ex.ffn
+    P = T * K
+    h = torch.empty(P, F, dtype=torch.float32, device=x.device)
+    y = torch.empty(P, D, dtype=torch.float32, device=x.device)
+    g, u, d = ex.gate, ex.up, ex.down
+    _gate_up_kernel[(P, triton.cdiv(F, BLOCK_R))](
+        x, ids, g, u, h, K, D, F, g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+        **_gemv_meta(ex.gate_type, D, "G"), **_gemv_meta(ex.up_type, D, "U"), BLOCK_R=BLOCK_R)
+    _down_kernel[(P, triton.cdiv(D, BLOCK_R))](
+        h, ids, wts, d, y, D, F, d.stride(0), d.stride(1), **_gemv_meta(ex.down_type, F, "W"), BLOCK_R=BLOCK_R)
+    return torch.sum(y.view(T, K, D), dim=1, out=out)
+
+
+def _prefill(x, ids, wts, ex: GPUExperts, out):
+    """The batched path: pairs grouped by expert, one dequantization and three matmuls per used expert."""
+    T, K = ids.shape
+    cdt = ex.dtype
+    flat = ids.reshape(-1)                                   # (P,), pair p = t*K + k
+    order = torch.argsort(flat, stable=True)                 # pairs grouped by expert, the -1s first
+    counts = torch.bincount(flat + 1, minlength=ex.n_expert + 1).tolist()   # the one sync
+    w_flat = wts.reshape(-1)
+    out.zero_()
+    start = counts[0]
+    for e, n in enumerate(counts[1:]):
+        if n == 0:
+            continue
+        p = order[start:start + n]
+        start += n
+        t = p // K
+        xe = x[t].to(cdt)                                    # (n, D)
+        gate, up, down = (ex.matrix(name, e, cdt) for name in ("gate", "up", "down"))
+        h = torch.nn.functional.silu((xe @ gate.T).float()) * (xe @ up.T).float()   # (n, F)
+        out.index_add_(0, t, (h.to(cdt) @ down.T).float() * w_flat[p, None])
+    return out

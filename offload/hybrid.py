@@ -1,0 +1,153 @@
+"""A model run by its placement: attention and shared experts on the GPU, routed experts split by the plan.
+
+    placement = plan(ModelShape.from_gguf(f, cfg), hardware, budget)      # offload/planner.py
+    model = load_offloaded(f, cfg, placement, "cuda", torch.bfloat16, ExpertWorker())
+
+The result is the runtime's DeepSeek module (runtime/model.py) with each MoE layer's feed-forward replaced
+by an OffloadedMoE; the Engine drives it like the reference model. Per MoE layer (DESIGN.md, "Data flow of
+one decode step"):
+
+    router on the GPU -> ids, weights (T, K)
+    ids of CPU experts, x  --copy-->  CPU worker: Numba kernels on the GGUF blocks (kernels/cpu/moe.py)
+    GPU meanwhile: shared experts + routed experts the plan put on the GPU (kernels/gpu/moe.py)
+    CPU result --copy--> summed on the GPU
+
+A pair (token, expert) is computed on exactly one side: the other side sees its id as -1. The token
+embedding and the output head live where the plan says; the latent cache is on the GPU. With the device
+"cpu" the same code runs everything on the CPU (torch for attention, Numba for experts): the CPU-only mode,
+and the way tests exercise every placement without a GPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dslocal.kernels.cpu import moe as cpu_moe
+from dslocal.kernels.experts import ExpertTensors, from_gguf
+from dslocal.offload.cpu_worker import ExpertWorker
+from dslocal.offload.planner import Placement, gpu_bytes
+from dslocal.offload.prefill import STREAM_MIN_TOKENS, ExpertStreamer
+from dslocal.quant.gguf_file import GGUFFile
+from dslocal.runtime.config import ModelConfig
+from dslocal.runtime.model import DeepSeek, MoE
+from dslocal.runtime.weights import load_model
+
+
+class OnDevice(nn.Module):
+    """A part of the model kept on another device than the rest (an embedding or head the plan left on
+    the CPU): inputs are moved to it and its outputs back to the model's device."""
+
+    def __init__(self, module: nn.Module, device: torch.device, out_device: torch.device):
+        super().__init__()
+        self.module, self.device, self.out_device = module.to(device), device, out_device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.to(self.device)).to(self.out_device)
+
+
+class OffloadedMoE(nn.Module):
+    """DeepSeekMoE with its routed experts split between the GPU (GPUExperts, in their GGUF blocks where a
+    GPU kernel exists) and the CPU (read by Numba threads from the memory-mapped file)."""
+
+    def __init__(self, moe: MoE, experts: ExpertTensors, gpu_ids: Sequence[int], device: torch.device,
+                 worker: ExpertWorker | None):
+        """moe: the layer's module without routed weights (router, shared experts); experts: all E of them,
+        zero-copy from the file; gpu_ids: those the plan put on the GPU; worker: the CPU thread to overlap
+        with, or None to run the CPU experts in the calling thread."""
+        super().__init__()
+        E = experts.n_expert
+        gpu_ids = sorted(int(e) for e in gpu_ids)
+        self.router, self.shared, self.experts, self.worker = moe.router, moe.shared, experts, worker
+        self.gpu_ids, self.n_gpu, self.n_cpu = frozenset(gpu_ids), len(gpu_ids), E - len(gpu_ids)
+        self.expert_gpu_bytes = sum(          # one expert on the GPU, as the planner counts it
+            gpu_bytes(t, rows * cols, a.nbytes // E) for a, t, rows, cols in (
+                (experts.gate, experts.gate_type, experts.ffn, experts.hidden),
+                (experts.up, experts.up_type, experts.ffn, experts.up_cols),
+                (experts.down, experts.down_type, experts.hidden, experts.down_cols)))
+        self.streamer: ExpertStreamer | None = None   # set by load_offloaded when long prompts stream
+        self.stream_index = -1                          # this layer's index in the streamer
+        slot = torch.full((E,), -1, dtype=torch.long)                     # expert id -> index in self.gpu
+        slot[gpu_ids] = torch.arange(self.n_gpu)
+        cpu_id = torch.arange(E)
+        cpu_id[gpu_ids] = -1                                               # expert id -> itself, or -1
+        self.register_buffer("gpu_slot", slot.to(device), persistent=False)
+        self.register_buffer("cpu_id", cpu_id.to(device), persistent=False)
+        # routing counts since load (E,): the hotness that offload/hotness.py stores for the next start
+        self.register_buffer("counts", torch.zeros(E, dtype=torch.long, device=device), persistent=False)
+        self.gpu = None
+        if self.n_gpu:
+            from dslocal.kernels.gpu.moe import GPUExperts   # Triton: imported only when experts go there
+            self.gpu = GPUExperts.from_experts(experts, gpu_ids, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                            # (M, D)
+        ids, w = self.router(x)                                                 # (M, K), on x's device
+        self.counts.scatter_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))
+        stream = self.n_cpu and self.streamer is not None and x.shape[0] >= STREAM_MIN_TOKENS
+        if self.n_cpu and self.worker is not None and not stream:
+            self.worker.submit(x, self.cpu_id[ids], w, self.experts)           # returns at once
+        y = self.shared(x).float() if self.shared is not None else torch.zeros(x.shape, device=x.device)
+        if self.gpu is not None:
+            from dslocal.kernels.gpu.moe import moe_ffn as gpu_moe_ffn
+            y += gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
+        if stream:
+            y += self.streamer.layer_experts(self.stream_index, x, self.cpu_id[ids], w)
+        elif self.n_cpu:
+            if self.worker is None:
+                y_cpu = cpu_moe.moe_ffn(x.float().cpu(), self.cpu_id[ids].cpu(), w.cpu(), self.experts)
+            else:
+                y_cpu = self.worker.wait()      # a reused pinned buffer: copied before the next submit
+            y += y_cpu.to(y.device, non_blocking=True)
+        return y.to(x.dtype).view(shape)
+
+
+def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: str | torch.device,
+                   dtype: torch.dtype, worker: ExpertWorker | None, stream_prefill: bool = True) -> DeepSeek:
+    """The model laid out as placement says, on `device` (a CUDA device, or "cpu" for everything on the CPU).
+
+    Attention, norms, routers, shared experts and dense layers are dequantized to dtype on the device; the
+    embedding and the head go where the plan put them; routed experts stay in the file's blocks (CPU) or
+    are copied to the device (GPU ids of each layer); on a CUDA device, with stream_prefill, long prompts
+    bring the CPU experts to the GPU in units (offload/prefill.py). The file must stay open while the model is used:
+    the CPU experts are views of its memory map.
+    """
+    gpu = torch.device(device)
+    cpu = torch.device("cpu")
+    model = load_model(f, cfg, dtype, cpu, like_llama_cpp=False, routed_experts=False)
+    tied = "output.weight" not in f.tensors
+    for block in model.layers:
+        block.to(gpu)
+    model.norm.to(gpu)
+    model.rope_freq = model.rope_freq.to(gpu)
+    head_on_gpu = placement.head.device == "gpu" or gpu.type == "cpu"
+    # a head tied to the embedding is one tensor in the file and in the plan (counted as the head)
+    embed_on_gpu = head_on_gpu if tied else placement.embed.device == "gpu" or gpu.type == "cpu"
+    model.head = model.head.to(gpu) if head_on_gpu else OnDevice(model.head, cpu, gpu)
+    model.embed = model.embed.to(gpu) if embed_on_gpu else OnDevice(model.embed, cpu, gpu)
+    if tied and head_on_gpu:
+        model.head.weight = model.embed.weight          # one copy on the device, as in the file
+    for i, block in enumerate(model.layers):
+        if cfg.is_moe_layer(i):
+            block.ffn = OffloadedMoE(block.ffn, from_gguf(f, i), placement.layers[i].gpu_experts, gpu, worker)
+    if stream_prefill and gpu.type == "cuda":
+        attach_streamer(model, gpu)
+    return model.eval()
+
+
+def attach_streamer(model: DeepSeek, device: torch.device) -> None:
+    """Let long prompts stream the CPU experts to the GPU (offload/prefill.py); again after a re-placement."""
+    moes = [b.ffn for b in model.layers if isinstance(b.ffn, OffloadedMoE) and b.ffn.n_cpu]
+    if not moes:
+        return
+    streamer = ExpertStreamer(moes, device)
+    for j, moe in enumerate(moes):
+        moe.streamer, moe.stream_index = streamer, j
+
+
+def routing_counts(model: DeepSeek) -> dict[int, list[int]]:
+    """MoE layer -> tokens routed to each expert since load (E,), for offload/hotness.py."""
+    return {i: block.ffn.counts.tolist() for i, block in enumerate(model.layers)
+            if isinstance(block.ffn, OffloadedMoE)}

@@ -1,0 +1,123 @@
+"""From the user's placement flags to a placed model: budget, hotness, plan, load, calibration.
+
+    model, placement = load_placed(path, f, cfg, Placing(...), log)
+
+The GPU budget is --gpu-memory, or the GPU's free memory minus a margin. It must also hold what the weights
+and cache do not: the activations of a prefill chunk (WORKSPACE). Expert hotness comes from offload/hotness.py;
+a file seen for the first time, whose plan has room for routed experts on the GPU, is calibrated once on a
+short text and its experts are then placed again by the counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dslocal.offload import hotness
+from dslocal.offload.cpu_worker import ExpertWorker
+from dslocal.offload.hybrid import OffloadedMoE, attach_streamer, load_offloaded, routing_counts
+from dslocal.offload.prefill import UNIT_BYTES
+from dslocal.offload.planner import Budget, Hardware, ModelShape, Placement, PlanError, format_plan, parse_size, plan
+from dslocal.quant.gguf_file import GGUFFile
+from dslocal.runtime.config import ModelConfig
+from dslocal.runtime.model import DeepSeek
+
+GiB = 2**30
+# GPU memory kept out of the plan: activations, a prefill chunk's attention scores and torch's allocator
+# slack (1 GiB), and the two units of experts a long prefill streams (offload/prefill.py); with no
+# --gpu-memory, a further MARGIN of the free memory is left to other programs.
+WORKSPACE = GiB + 2 * UNIT_BYTES
+MARGIN = 0.05
+CALIBRATION_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Placing:
+    """The placement settings of a run (runtime.load.RunConfig carries them from the command line)."""
+    device: str                     # "cpu" or a CUDA device
+    dtype: torch.dtype              # of everything dequantized on the device
+    context: int                    # tokens of latent cache
+    gpu_memory: str | None = None   # --gpu-memory, e.g. "12GiB"
+    cpu_only: bool = False          # --cpu-only
+    gpu_experts: int | None = None  # --gpu-experts N
+    expert_threads: int | None = None   # CPU expert threads (default: the physical cores)
+    calibrate: bool = True          # measure hotness on a first start when experts can go to the GPU
+
+
+def budget_for(s: Placing) -> tuple[Hardware, Budget]:
+    """The hardware as measured and the budget the plan gets; a bad --gpu-memory raises ValueError."""
+    if s.device == "cpu" or s.cpu_only:
+        if s.gpu_memory is not None or s.gpu_experts is not None:
+            flag = "--gpu-memory" if s.gpu_memory is not None else "--gpu-experts"
+            raise ValueError(f"{flag} places weights on a GPU, but this run is CPU only "
+                             f"({'--cpu-only' if s.cpu_only else 'no CUDA device'})")
+        return Hardware(gpu_bytes_free=0), Budget(context=s.context, cpu_only=s.cpu_only)
+    free, _ = torch.cuda.mem_get_info(torch.device(s.device))
+    if s.gpu_memory is None:
+        gpu_bytes = int(free * (1 - MARGIN)) - WORKSPACE
+    else:
+        gpu_bytes = parse_size(s.gpu_memory) - WORKSPACE
+        if gpu_bytes <= 0:
+            raise PlanError(f"--gpu-memory {s.gpu_memory} is less than the {WORKSPACE // 2**20} MiB of GPU "
+                            "working memory a run needs besides its weights")
+    return Hardware(gpu_bytes_free=free), Budget(gpu_bytes=max(gpu_bytes, 0), context=s.context,
+                                                  gpu_experts=s.gpu_experts)
+
+
+def load_placed(path: str, f: GGUFFile, cfg: ModelConfig, s: Placing,
+                log=sys.stderr) -> tuple[DeepSeek, Placement]:
+    """The model placed by the plan (printed to log); PlanError before anything loads if it cannot fit."""
+    hardware, budget = budget_for(s)
+    shape = ModelShape.from_gguf(f, cfg)
+    counts = hotness.for_model(path, cfg)
+    placement = plan(shape, hardware, dataclasses.replace(budget, hotness=counts))
+    worker = None
+    if s.device != "cpu" and any(lp.n_expert > len(lp.gpu_experts) for lp in placement.layers):
+        worker = ExpertWorker(s.expert_threads)
+    model = load_offloaded(f, cfg, placement, s.device, s.dtype, worker)
+    if worker is None and s.expert_threads:
+        import numba
+        numba.set_num_threads(s.expert_threads)          # the calling thread runs the CPU experts
+    if counts is None and s.calibrate and any(lp.gpu_experts for lp in placement.layers):
+        counts = _calibrate(model, f, cfg, s, path, log)
+        placement = plan(shape, hardware, dataclasses.replace(budget, hotness=counts))
+        replace_gpu_experts(model, placement)
+    print(format_plan(placement), file=log)
+    return model, placement
+
+
+def replace_gpu_experts(model: DeepSeek, placement: Placement) -> None:
+    """Move each MoE layer's GPU experts to those the new placement names (weights stay where they were
+    otherwise)."""
+    streaming, device = False, None
+    for lp, block in zip(placement.layers, model.layers):
+        ffn = block.ffn
+        if isinstance(ffn, OffloadedMoE):
+            device, streaming = ffn.counts.device, streaming or ffn.streamer is not None
+            ffn.gpu = None                                                        # free before copying again
+            new = OffloadedMoE(ffn, ffn.experts, lp.gpu_experts, device, ffn.worker)
+            new.counts.copy_(ffn.counts)
+            block.ffn = new
+    if streaming:
+        attach_streamer(model, torch.device(device))
+
+
+@torch.inference_mode()
+def _calibrate(model: DeepSeek, f: GGUFFile, cfg: ModelConfig, s: Placing, path: str, log) -> dict:
+    """Route CALIBRATION_TEXT through the model, store the counts for this file, and return them."""
+    from dslocal.runtime.model import LatentCache
+    from dslocal.runtime.tokenizer import Tokenizer
+    from dslocal.offload.hotness import CALIBRATION_TEXT
+    t0 = time.perf_counter()
+    tokens = Tokenizer.from_gguf(f).encode(CALIBRATION_TEXT)[:min(CALIBRATION_TOKENS, s.context)]
+    device = torch.device(s.device)
+    cache = LatentCache(cfg, 1, len(tokens), s.dtype, device)
+    model.hidden(torch.tensor([tokens], device=device), cache, 0)
+    counts = routing_counts(model)
+    where = hotness.save(path, counts, merge=False)
+    print(f"hotness  measured on {len(tokens)} calibration tokens in {time.perf_counter() - t0:.1f} s; "
+          f"kept in {where}", file=log)
+    return counts

@@ -1,0 +1,143 @@
+"""Placements change where experts run, not what the model says: the same greedy tokens from the reference
+model, everything on the CPU, experts split between the two sides, and every routed expert on the "GPU".
+
+Without CUDA the GPU side is the CPU device: torch for attention and the Triton kernels of kernels/gpu
+through the Triton interpreter, so every code path of offload/hybrid.py runs in CI.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dslocal.gui import cli
+from dslocal.offload import hotness
+from dslocal.offload.cpu_worker import ExpertWorker
+from dslocal.offload.hybrid import OffloadedMoE, load_offloaded, routing_counts
+from dslocal.offload.place import Placing, _calibrate, replace_gpu_experts
+from dslocal.offload.planner import Budget, Hardware, ModelShape, plan
+from dslocal.quant.gguf_file import open_gguf
+from dslocal.runtime.config import read_config
+from dslocal.runtime.load import default_model
+from dslocal.runtime.tokenizer import Tokenizer
+from dslocal.runtime.weights import load_model
+
+PROMPTS = ["Once upon a time, Mia the", "What is 12 + 34?", "Sam has 40 coins. Sam gets 17 more"]
+N = 24
+
+
+def placement_for(f, cfg, gpu_experts: int | None, hot=None):
+    """CPU only (None), or gpu_experts routed experts per layer on the device, the rest on the CPU."""
+    shape = ModelShape.from_gguf(f, cfg)
+    if gpu_experts is None:
+        return plan(shape, Hardware(gpu_bytes_free=0), Budget())
+    return plan(shape, Hardware(), Budget(gpu_bytes=2**40, gpu_experts=gpu_experts, hotness=hot))
+
+
+@pytest.fixture(scope="module", params=["q8_0", "q4_k"])
+def nano(request, tmp_path_factory):
+    """The bundled trained model (decisive logits: greedy equality is well posed), Q8_0 and Q4_K."""
+    path = default_model()
+    if request.param != "q8_0":
+        path = str(tmp_path_factory.mktemp("nano") / f"nano-{request.param}.gguf")
+        assert cli.main(["quantize", default_model(), path, "--type", request.param]) == 0
+    f = open_gguf(path)
+    yield path, f, read_config(f), Tokenizer.from_gguf(f)
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(nano, greedy):
+    _, f, cfg, tok = nano
+    model = load_model(f, cfg, like_llama_cpp=False)
+    return {p: greedy.dslocal(model, cfg, tok.encode(p), N) for p in PROMPTS}
+
+
+CUDA = [pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + CUDA)
+@pytest.mark.parametrize("gpu_experts, overlap", [(None, False), (None, True), (3, True), (8, False)],
+                         ids=["cpu-only", "cpu-worker", "split", "all-gpu"])
+def test_every_placement_gives_the_reference_tokens(nano, reference_tokens, greedy, gpu_experts, overlap,
+                                                    device):
+    _, f, cfg, tok = nano
+    prompts, n = PROMPTS, N
+    if device == "cpu" and gpu_experts:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("GPU experts on the CPU device run only in the Triton interpreter (CI without a GPU)")
+        prompts, n = PROMPTS[:1], 12      # the interpreter is ~1000x slower than the kernels it runs
+    placement = placement_for(f, cfg, gpu_experts)
+    worker = ExpertWorker(threads=1, pin_memory=device == "cuda") if overlap else None
+    try:
+        model = load_offloaded(f, cfg, placement, device, torch.float32, worker)
+        moes = [b.ffn for b in model.layers if isinstance(b.ffn, OffloadedMoE)]
+        assert moes and all(m.n_gpu == (gpu_experts or 0) for m in moes)
+        for p in prompts:
+            got = greedy.dslocal(model, cfg, tok.encode(p), n, device)
+            want = reference_tokens[p][:n]
+            assert got == want, (p, tok.decode(got), tok.decode(want))
+        counts = routing_counts(model)
+        n_routed = sum(len(tok.encode(p)) + n - 1 for p in prompts) * cfg.n_expert_used
+        assert all(sum(c) == n_routed for c in counts.values())     # every routed pair counted once
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def test_calibration_places_the_hottest_experts_and_is_stored(nano):
+    path, f, cfg, _ = nano
+    device = "cuda" if torch.cuda.is_available() else "cpu"     # the CPU device: the Triton interpreter
+    model = load_offloaded(f, cfg, placement_for(f, cfg, 2), device, torch.float32, None)
+    counts = _calibrate(model, f, cfg, Placing(device, torch.float32, 512), path, log=open(os.devnull, "w"))
+    assert hotness.load(path) == counts
+    placement = placement_for(f, cfg, 2, hot=counts)
+    replace_gpu_experts(model, placement)
+    for lp, block in zip(placement.layers, model.layers):
+        if isinstance(block.ffn, OffloadedMoE):
+            c = np.array(counts[lp.index])
+            assert sorted(block.ffn.gpu_ids) == sorted(lp.gpu_experts)
+            assert c[list(lp.gpu_experts)].min() >= np.delete(c, list(lp.gpu_experts)).max()
+
+
+def test_hotness_store_is_keyed_by_the_file(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x" * 10)
+    assert hotness.load(str(model)) is None
+    hotness.save(str(model), {1: [3, 0, 2]})
+    hotness.save(str(model), {1: [1, 1, 1]})               # merged with what is stored
+    assert hotness.load(str(model)) == {1: [4, 1, 3]}
+    model.write_bytes(b"y" * 11)                            # another file at the same path
+    assert hotness.load(str(model)) is None
+    with open(hotness.cache_path(str(model)), "w") as fh:
+        fh.write("{not json")
+    assert hotness.load(str(model)) is None                 # unreadable: measured again
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming prefill needs CUDA")
+def test_long_prompt_streams_the_cpu_experts(nano, greedy):
+    """A prompt of STREAM_MIN_TOKENS or more computes the CPU experts on the GPU (offload/prefill.py):
+    same tokens as the reference, and the stream was used."""
+    from dslocal.offload.prefill import STREAM_MIN_TOKENS
+    _, f, cfg, tok = nano
+    prompt = tok.encode(" ".join(PROMPTS * 20))
+    assert len(prompt) >= STREAM_MIN_TOKENS
+    want = greedy.dslocal(load_model(f, cfg, like_llama_cpp=False), cfg, prompt, 8)
+    worker = ExpertWorker(threads=2)
+    try:
+        model = load_offloaded(f, cfg, placement_for(f, cfg, 3), "cuda", torch.float32, worker)
+        streamer = next(b.ffn.streamer for b in model.layers if isinstance(b.ffn, OffloadedMoE))
+        assert streamer is not None and streamer.units
+        assert greedy.dslocal(model, cfg, prompt, 8, "cuda") == want
+        assert streamer._pool is not None          # the copy thread ran
+        streamer.close()
+    finally:
+        worker.close()
+
+
+def test_the_planner_counts_what_the_gpu_kernels_keep():
+    """planner.KEEP_ON_GPU (GGUF bytes on the GPU) must name the block types kernels/gpu/moe.py keeps."""
+    from dslocal.kernels.gpu.moe import KEEP_BLOCKS
+    from dslocal.offload.planner import KEEP_ON_GPU
+    from dslocal.quant.ggml import GGMLType as T
+    assert KEEP_ON_GPU - {T.F32, T.F16, T.BF16} == KEEP_BLOCKS
