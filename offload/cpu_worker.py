@@ -93,6 +93,10 @@ class ExpertWorker:
             result, error = self._results.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"the CPU expert worker did not finish within {timeout} s") from None
+        except BaseException:      # Ctrl-C: let the layer finish (about a millisecond) so the next submit works
+            self._results.get()
+            self._pending = False
+            raise
         self._pending = False
         if error is not None:
             raise error

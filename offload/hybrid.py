@@ -87,12 +87,18 @@ class OffloadedMoE(nn.Module):
         ids, w = self.router(x)                                                 # (M, K), on x's device
         self.counts.scatter_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))
         stream = self.n_cpu and self.streamer is not None and x.shape[0] >= STREAM_MIN_TOKENS
-        if self.n_cpu and self.worker is not None and not stream:
+        overlap = self.n_cpu and self.worker is not None and not stream
+        if overlap:
             self.worker.submit(x, self.cpu_id[ids], w, self.experts)           # returns at once
-        y = self.shared(x).float() if self.shared is not None else torch.zeros(x.shape, device=x.device)
-        if self.gpu is not None:
-            from dslocal.kernels.gpu.moe import moe_ffn as gpu_moe_ffn
-            y += gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
+        try:
+            y = self.shared(x).float() if self.shared is not None else torch.zeros(x.shape, device=x.device)
+            if self.gpu is not None:
+                from dslocal.kernels.gpu.moe import moe_ffn as gpu_moe_ffn
+                y += gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
+        except BaseException:           # Ctrl-C or an error: collect the CPU job so the next step can start
+            if overlap:
+                self.worker.wait()
+            raise
         if stream:
             y += self.streamer.layer_experts(self.stream_index, x, self.cpu_id[ids], w)
         elif self.n_cpu:
@@ -111,8 +117,8 @@ def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: 
     Attention, norms, routers, shared experts and dense layers are dequantized to dtype on the device; the
     embedding and the head go where the plan put them; routed experts stay in the file's blocks (CPU) or
     are copied to the device (GPU ids of each layer); on a CUDA device, with stream_prefill, long prompts
-    bring the CPU experts to the GPU in units (offload/prefill.py). The file must stay open while the model is used:
-    the CPU experts are views of its memory map.
+    bring the CPU experts to the GPU in units (offload/prefill.py). The file must stay open while the
+    model is used: the CPU experts are views of its memory map.
     """
     gpu = torch.device(device)
     cpu = torch.device("cpu")
