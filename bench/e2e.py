@@ -62,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cuda, cpu or auto (default: cuda when torch sees a GPU and --cpu-only is not given)")
     p.add_argument("--dtype", default="auto", help="f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda)")
     p.add_argument("--reference", action="store_true", help="the all-torch reference path (every weight dequantized)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode steps launched from Python, not replayed")
     p.add_argument("--dram-gib", type=float, default=4.0, help="buffer of the DRAM probe in GiB (default 4)")
     p.add_argument("--json", metavar="FILE", help="results file (default: a new file in the temp folder)")
     p.add_argument("--chart", metavar="FILE", help="PNG chart (default: the --json path with .png)")
@@ -278,13 +279,15 @@ def run(args: argparse.Namespace, log=sys.stderr) -> int:
     context = max(16, max(lengths) + args.gen)   # load() refuses a cache under 16 tokens
     cfg = RunConfig(device=args.device, dtype=args.dtype, context=context, threads=args.threads,
                     gpu_memory=args.gpu_memory, cpu_only=args.cpu_only, gpu_experts=args.gpu_experts,
-                    expert_threads=args.threads, reference=args.reference)
+                    expert_threads=args.threads, reference=args.reference,
+                    cuda_graphs=not args.no_cuda_graphs)
     results = measure(path, cfg, lengths, args.gen, args.repeat, log)
     gc.collect()   # the model's memory goes back before the probe allocates its buffer
     results["settings"] = {
         "device": cfg.torch_device(), "dtype": str(cfg.torch_dtype()).removeprefix("torch."),
         "where": where(args.gpu_memory, results["placement"]), "threads": threads, "gpu_memory": args.gpu_memory,
-        "cpu_only": args.cpu_only, "gpu_experts": args.gpu_experts, "reference": args.reference, "gen": args.gen,
+        "cpu_only": args.cpu_only, "gpu_experts": args.gpu_experts, "reference": args.reference,
+        "cuda_graphs": not args.no_cuda_graphs, "gen": args.gen,
         "repeat": args.repeat, "prompt_lengths": lengths}
     results["machine"] = machine(threads)
     results["dram"] = read_bandwidth(args.dram_gib, threads=min(threads, numba.config.NUMBA_NUM_THREADS))

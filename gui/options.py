@@ -22,6 +22,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-threads", type=int, metavar="N",
                    help="CPU threads for the routed experts (default: the physical cores)")
     p.add_argument("--dtype", default="auto", help="f32, bf16 or f16 (default: f32 on cpu, bf16 on cuda)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="launch every decode step's GPU kernels from Python (slower; for comparison)")
     p.add_argument("--reference", action="store_true",
                    help="the reference path: every weight dequantized, plain torch on --device (slow)")
 
@@ -36,7 +38,8 @@ def add_sampling_defaults(p: argparse.ArgumentParser) -> None:
 def run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(device=args.device, dtype=args.dtype, context=args.ctx, threads=args.threads,
                      gpu_memory=args.gpu_memory, cpu_only=args.cpu_only, gpu_experts=args.gpu_experts,
-                     expert_threads=args.expert_threads, reference=args.reference)
+                     expert_threads=args.expert_threads, reference=args.reference,
+                     cuda_graphs=not args.no_cuda_graphs)
 
 
 def load_model(args: argparse.Namespace) -> Loaded:

@@ -64,23 +64,26 @@ class ExpertWorker:
         self._thread.start()
 
     # -- caller side ------------------------------------------------------------------------------------
-    def submit(self, x, topk_ids, topk_weights, experts: ExpertTensors) -> None:
+    def submit(self, x, topk_ids, topk_weights, experts: ExpertTensors, ready: torch.cuda.Event | None = None,
+               out: torch.Tensor | None = None) -> None:
         """Start the layer: x (T, D), topk_ids (T, K), topk_weights (T, K), on the CPU or a CUDA device.
-        Returns at once; CPU inputs are used in place, so leave them unchanged until wait() returns."""
+        Returns at once; CPU inputs are used in place, so leave them unchanged until wait() returns.
+        ready: for CPU inputs that a CUDA stream is still writing (a replayed graph's copies), the event
+        after those copies; out: a float32 (T, D) host buffer for the result instead of the reused one."""
         if self._closed:
             raise RuntimeError("the CPU expert worker is closed")
         if self._pending:
             raise RuntimeError("submit() called twice without wait(): the worker runs one layer at a time")
         x = torch.as_tensor(x)
         T, D = x.shape[0], experts.hidden
-        ready = None
         if x.device.type == "cuda" or torch.as_tensor(topk_ids).device.type == "cuda":
             x = self._stage("x", x, torch.float32)
             topk_ids = self._stage("ids", torch.as_tensor(topk_ids), torch.int64)
             topk_weights = self._stage("weights", torch.as_tensor(topk_weights), torch.float32)
             ready = torch.cuda.Event()
             ready.record()
-        out = self._buffer("out", (T, D), torch.float32)
+        if out is None:
+            out = self._buffer("out", (T, D), torch.float32)
         self._pending = True
         self._jobs.put(_Job(x, torch.as_tensor(topk_ids), torch.as_tensor(topk_weights), experts, out, ready))
 
@@ -101,6 +104,11 @@ class ExpertWorker:
         if error is not None:
             raise error
         return result
+
+    @property
+    def pending(self) -> bool:
+        """A job was submitted and not yet collected with wait()."""
+        return self._pending
 
     def close(self) -> None:
         """Stop the thread after the job in hand, if any; idempotent."""

@@ -68,6 +68,7 @@ class OffloadedMoE(nn.Module):
                 (experts.down, experts.down_type, experts.hidden, experts.down_cols)))
         self.streamer: ExpertStreamer | None = None   # set by load_offloaded when long prompts stream
         self.stream_index = -1                          # this layer's index in the streamer
+        self.graph_step = None   # set by offload/graphs.py while it runs or captures a decode step
         slot = torch.full((E,), -1, dtype=torch.long)                     # expert id -> index in self.gpu
         slot[gpu_ids] = torch.arange(self.n_gpu)
         cpu_id = torch.arange(E)
@@ -88,6 +89,8 @@ class OffloadedMoE(nn.Module):
         self.counts.scatter_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))
         stream = self.n_cpu and self.streamer is not None and x.shape[0] >= STREAM_MIN_TOKENS
         overlap = self.n_cpu and self.worker is not None and not stream
+        if overlap and self.graph_step is not None:
+            return self._forward_in_graph_step(x, ids, w).view(shape)
         if overlap:
             self.worker.submit(x, self.cpu_id[ids], w, self.experts)           # returns at once
         try:
@@ -108,6 +111,26 @@ class OffloadedMoE(nn.Module):
                 y_cpu = self.worker.wait()      # a reused pinned buffer: copied before the next submit
             y += y_cpu.to(y.device, non_blocking=True)
         return y.to(x.dtype).view(shape)
+
+
+    def _forward_in_graph_step(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The same layer as a decode step captured by offload/graphs.py sees it: the inputs of the CPU
+        experts are copied into fixed pinned buffers, the step is cut there (the host starts the CPU job),
+        the GPU's own experts form the next piece, the step is cut again (the host waits for the CPU), and
+        the CPU result is copied back from its fixed buffer."""
+        step = self.graph_step
+        x_host, ids_host, w_host, out_host = step.buffers(self, x.shape[0], ids.shape[1])
+        x_host.copy_(x, non_blocking=True)
+        ids_host.copy_(self.cpu_id[ids], non_blocking=True)
+        w_host.copy_(w, non_blocking=True)
+        step.cut(("submit", self))
+        y = self.shared(x).float() if self.shared is not None else torch.zeros(x.shape, device=x.device)
+        if self.gpu is not None:
+            from dslocal.kernels.gpu.moe import moe_ffn as gpu_moe_ffn
+            y += gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
+        step.cut(("wait", self))
+        y += out_host.to(x.device, non_blocking=True)
+        return y.to(x.dtype)
 
 
 def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: str | torch.device,

@@ -121,3 +121,16 @@ def _calibrate(model: DeepSeek, f: GGUFFile, cfg: ModelConfig, s: Placing, path:
     print(f"hotness  measured on {len(tokens)} calibration tokens in {time.perf_counter() - t0:.1f} s; "
           f"kept in {where}", file=log)
     return counts
+
+
+def decode_graphs(model: DeepSeek, cache, device: str, log=sys.stderr):
+    """Engine.decode_step replaying CUDA graphs (offload/graphs.py), or None where a step cannot be
+    captured: an embedding or head the plan left on the CPU is a host copy in the middle of the step."""
+    from dslocal.offload.graphs import GraphedDecoder
+    from dslocal.offload.hybrid import OnDevice
+    if isinstance(model.embed, OnDevice) or isinstance(model.head, OnDevice):
+        print("dslocal: decode steps run without CUDA graphs (the plan keeps the embedding or head on the CPU)",
+              file=log)
+        return None
+    workers = {b.ffn.worker for b in model.layers if isinstance(b.ffn, OffloadedMoE)} - {None}
+    return GraphedDecoder(model, cache, next(iter(workers), None), device, log)

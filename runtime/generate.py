@@ -60,6 +60,9 @@ class Engine:
         self.device = torch.device(device)
         self.cache = LatentCache(cfg, 1, context_length, cache_dtype, self.device)
         self.cached: list[int] = []   # the tokens whose latents the cache holds, in order
+        # a faster one-token step over self.cache (token, position) -> logits (V,), e.g. CUDA graphs
+        # (offload/graphs.py); None: every step is a plain forward pass
+        self.decode_step = None
 
     def reset(self) -> None:
         self.cached = []
@@ -71,6 +74,8 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        if len(tokens) == 1 and self.decode_step is not None:
+            return self.decode_step(tokens[0], start)
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         h = self.model.hidden(ids, self.cache, start)[:, -1:]     # (1, 1, D): only the last token's logits
         return self.model.head(self.model.norm(h)).float()[0, -1]

@@ -38,6 +38,7 @@ class RunConfig:
     gpu_experts: int | None = None  # exactly N routed experts per MoE layer on the GPU
     expert_threads: int | None = None   # CPU expert threads (default: the physical cores)
     reference: bool = False    # the reference path: every weight dequantized, plain torch (runtime/model.py)
+    cuda_graphs: bool = True   # placed runtime on a GPU: decode steps replayed as CUDA graphs
     like_llama_cpp: bool = True  # reference path: round activations as llama.cpp's CPU backend does
 
     def torch_device(self) -> str:
@@ -94,6 +95,9 @@ def load(path: str, run: RunConfig, log=sys.stderr) -> Loaded:
             raise GGUFError(f"{path}: {e}") from None
     engine = Engine(model, cfg, tokenizer, context, device,
                     torch.float32 if run.torch_dtype() == torch.float32 else run.torch_dtype())
+    if placement is not None and device.startswith("cuda") and run.cuda_graphs:
+        from dslocal.offload.place import decode_graphs
+        engine.decode_step = decode_graphs(model, engine.cache, device, log)
     loaded = Loaded(engine, cfg, template, cfg.name or os.path.basename(path), time.perf_counter() - t0,
                     placement)
     print(describe(loaded, run), file=log)

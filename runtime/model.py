@@ -152,7 +152,12 @@ class MLA(nn.Module):
         kv = self.wkv_a(x)                                               # (B, T, C + R)
         c_kv = self.kv_norm(kv[..., :self.C])                            # (B, T, C)
         k_pe = apply_rope(kv[..., self.C:], cos, sin)                    # (B, T, R)
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):
+            # a decode step captured in a CUDA graph: the position lives on the device (offload/graphs.py)
+            at = start + torch.arange(T, device=x.device)
+            cache.kv[layer].index_copy_(1, at, c_kv.to(cache.kv.dtype))
+            cache.pe[layer].index_copy_(1, at, k_pe.to(cache.pe.dtype))
+        elif cache is not None:
             cache.kv[layer, :, start:start + T] = c_kv
             cache.pe[layer, :, start:start + T] = k_pe
             c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
@@ -162,7 +167,8 @@ class MLA(nn.Module):
         if cache is not None and x.is_cuda and T <= DECODE_TOKENS and not torch.is_grad_enabled():
             # decode on a GPU: the same attention in one Triton kernel pair (flash-decoding; kernels/gpu/mla.py)
             from dslocal.kernels.gpu.mla import mla_decode
-            o_lat = mla_decode(q_lat, q_pe, cache.kv[layer], cache.pe[layer], start + T, self.scale)
+            length = start + T if isinstance(start, int) else (start + T).to(torch.int32)
+            o_lat = mla_decode(q_lat, q_pe, cache.kv[layer], cache.pe[layer], length, self.scale)
         else:
             o_lat = self._attend(q_lat, q_pe, c_kv, k_pe, start)
         o_lat = round_activations(o_lat, self.act_v_b)
@@ -345,9 +351,9 @@ class DeepSeek(nn.Module):
             self.mtp = nn.ModuleList(MTP(cfg, cfg.n_layer + k) for k in range(cfg.n_mtp))
         self.register_buffer("rope_freq", rope_frequencies(cfg), persistent=False)
 
-    def rope(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, R/2) of positions start..start+T-1."""
-        pos = torch.arange(start, start + T, device=device, dtype=torch.float64)
+    def rope(self, start: int | torch.Tensor, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, R/2) of positions start..start+T-1 (start may be a 0-d device tensor)."""
+        pos = torch.arange(T, device=device, dtype=torch.float64) + start
         angle = pos[:, None] * self.rope_freq.to(device, torch.float64)[None, :]   # (T, R/2)
         return angle.cos().float(), angle.sin().float()
 
@@ -358,13 +364,14 @@ class DeepSeek(nn.Module):
     def hidden(self, tokens: torch.Tensor, cache: LatentCache | None = None, start: int = 0) -> torch.Tensor:
         """tokens (B, T) -> the last block's output (B, T, D), before the final norm."""
         T = tokens.shape[1]
-        if cache is not None and start + T > cache.max_len:
+        positioned = isinstance(start, int)   # else a 0-d device tensor: a step captured in a CUDA graph
+        if cache is not None and positioned and start + T > cache.max_len:
             raise ValueError(f"{start + T} tokens do not fit the cache of {cache.max_len}")
         cos, sin = self.rope(start, T, tokens.device)
         x = self.embed(tokens)
         for block in self.layers:
             x = block(x, cos, sin, cache, start)
-        if cache is not None:
+        if cache is not None and positioned:
             cache.length = start + T
         return x
 

@@ -141,3 +141,31 @@ def test_the_planner_counts_what_the_gpu_kernels_keep():
     from dslocal.offload.planner import KEEP_ON_GPU
     from dslocal.quant.ggml import GGMLType as T
     assert KEEP_ON_GPU - {T.F32, T.F16, T.BF16} == KEEP_BLOCKS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("gpu_experts", [0, 3, 8])
+def test_decode_steps_replayed_as_cuda_graphs_give_the_reference_tokens(nano, reference_tokens, gpu_experts):
+    """offload/graphs.py: the first step runs eagerly and captures, later steps replay; same tokens."""
+    from dslocal.offload.graphs import GraphedDecoder
+    from dslocal.runtime.model import LatentCache
+    _, f, cfg, tok = nano
+    worker = ExpertWorker(threads=2) if gpu_experts < cfg.n_expert else None
+    try:
+        model = load_offloaded(f, cfg, placement_for(f, cfg, gpu_experts), "cuda", torch.float32, worker)
+        for p in PROMPTS:
+            prompt = tok.encode(p)
+            cache = LatentCache(cfg, 1, len(prompt) + N, torch.float32, "cuda")
+            step = GraphedDecoder(model, cache, worker, "cuda")
+            with torch.inference_mode():
+                logits = model(torch.tensor([prompt], device="cuda"), cache, 0)[0, -1]
+                got = []
+                for i in range(N):
+                    got.append(int(logits.argmax()))
+                    logits = step(got[-1], len(prompt) + i)
+            assert got == reference_tokens[p], (p, tok.decode(got))
+            n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layer))
+            assert step.graphs is not None and len(step.graphs.graphs) == (2 * n_moe + 1 if worker else 1)
+    finally:
+        if worker is not None:
+            worker.close()
