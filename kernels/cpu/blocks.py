@@ -1,8 +1,9 @@
 """GGUF blocks dotted with 11-bit integer activations in 256-bit vectors (Numba intrinsics), one function per type.
 
-Each `_<type>(acc, w, p, x16, xs, s, v, xd)` takes the block at flat byte p of the raw GGUF bytes w (uint8, any
-C-contiguous shape), dots it with values v.. of activation row s (x16 int16 (N, D), its 16-value sums xs int32
-(N, D // 16), block scale xd = xd[s, v // 256]) and returns acc (8 float32 lanes) plus the block's part.
+Each type is `_<type>_w` (16 values of the block at flat byte p of the raw GGUF bytes w, uint8, any C-contiguous
+shape) and `_<type>_end` (its float scales); `_block1` / `_block4` dot a block with values v.. of one or four
+activation rows s (x16 int16 (N, D), 16-value sums xs int32 (N, D // 16), block scale xd = xd[s, v // 256])
+and return acc (8 float32 lanes) plus the block's part.
 The weights never leave the registers: a sub-block's quants are widened to 16 int16 lanes, multiplied by its
 integer scale where the type has one (every such product fits int16), and summed with the activations in pairs
 into 8 int32 lanes (pmaddwd; vpdpwssd with VNNI); the block's float scales then multiply the int32 lanes once.
@@ -186,13 +187,21 @@ def _q3_scales_ir(c, b, sig, w, i):
     return b.sub(v, _vec(_V16, 32))
 
 
+def _widen_u8(b, v):
+    """16 bytes -> 16 int16 lanes, zero-extended as bytes interleaved with zeros, not as a zext: from
+    `zext(v) >> 4` with one use LLVM made a byte shift (vgf2p8affineqb), Q5_0 at T = 1 10 % slower."""
+    lanes = _vec(ir.VectorType(_i32, 32), [k // 2 + 16 * (k % 2) for k in range(32)])   # byte, zero, byte, ..
+    z = b.shuffle_vector(v, ir.Constant(v.type, None), lanes)
+    return b.bitcast(z, _V16)
+
+
 def _fma_ir(c, b, sig, acc, a, times):
     """acc + float(a) * times (float32 lanes)."""
     return b.fadd(acc, b.fmul(b.sitofp(a, _V8F), times, flags=["contract"]), flags=["contract"])
 
 
 # loads at flat element i of a C-contiguous array; 16 int16 lanes unless stated
-_u8x16 = _op("_u8x16", I16, lambda c, b, sig, a, i: b.zext(_load(c, b, sig, a, i, ir.VectorType(_i8, 16)), _V16), (0,))
+_u8x16 = _op("_u8x16", I16, lambda c, b, sig, a, i: _widen_u8(b, _load(c, b, sig, a, i, ir.VectorType(_i8, 16))), (0,))
 _i8x16 = _op("_i8x16", I16, lambda c, b, sig, a, i: b.sext(_load(c, b, sig, a, i, ir.VectorType(_i8, 16)), _V16), (0,))
 _i16x16 = _op("_i16x16", I16, lambda c, b, sig, a, i: _load(c, b, sig, a, i, _V16), (0,))
 _i32x16 = _op("_i32x16", I16, lambda c, b, sig, a, i: b.trunc(_load(c, b, sig, a, i, ir.VectorType(_i32, 16)), _V16),
@@ -218,6 +227,7 @@ _mins16 = _op("_mins16", I16, lambda c, b, sig, v: _pick(b, v, [8 + g // 2 for g
 # int32 and float32 lanes
 _madd = _op("_madd", I32, lambda c, b, sig, x, y: _madd_ir(b, x, y))
 _dot = _op("_dot", I32, lambda c, b, sig, acc, x, y: b.add(acc, _madd_ir(b, x, y)))   # acc + pmaddwd(x, y)
+_sum = _op("_sum", I32, lambda c, b, sig, x, y: b.add(x, y))
 _zero_i32 = _op("_zero_i32", I32, lambda c, b, sig: _vec(_V8I, 0))
 _zero = _op("_zero", FV, lambda c, b, sig: _vec(_V8F, 0.0))
 _fma = _op("_fma", FV, _fma_ir)
@@ -227,134 +237,176 @@ _hsum = _op("_hsum", types.float32, lambda c, b, sig, acc: _call(
     b, "llvm.vector.reduce.fadd.v8f32", _f32, [ir.Constant(_f32, -0.0), acc], fastmath=("reassoc",)))
 
 
-# --- one block . activations, per type: (acc, w, p, x16, xs, s, v, xd) -> acc (see the top of this file) ------
-# Value offsets: x16 row s at s * D + v, xs row s at s * G + v // 16 (G = D // 16). Loops have constant trip
-# counts: LLVM unrolls them, which makes every lane index and shift a constant.
+# --- one block . activations, per type ----------------------------------------------------------------------
+# A type is two functions. `_<type>_w(w, p, c)`: values 16c .. 16c + 15 of the block at byte p as 16 int16 lanes,
+# times their integer sub-block scale where the type has one (c < 16 for K-quants, < 2 for 32-value types).
+# `_<type>_end(acc, a, w, p, xs, s, v, xd)`: acc plus the block's float part for activation row s, given a, the
+# int32 lanes of sum_l w16_l x16_l. The drivers `_block1` / `_block4` below run the chunks with constant c
+# (LLVM unrolls the loop), so every lane index and shift is a constant; the chunks of one block share loads
+# (the same 16 bytes hold two chunks' nibbles), which LLVM merges.
 
 @njit(inline="always")
-def _q4_k(acc, w, p, x16, xs, s, v, xd):
+def _nibble(q, hi):
+    """Low (hi = 0) or high nibbles of bytes zero-extended to int16 lanes (the shift needs no mask)."""
+    return _shr(q, 4) if hi else _and(q, 15)
+
+
+@njit(inline="always")
+def _q4_k_w(w, p, c):
     # block_q4_K, 144 bytes: d @0, dmin @2, scales[12] @4, qs[128] @16 (value 64k + l = lo nibble of
     # qs[32k + l], value 64k + 32 + l = hi nibble); w = d * sc_j * q - dmin * m_j, sub-blocks j of 32
-    x, sm = s * x16.shape[1] + v, _k4_scales(w, p + 4)
-    a = _zero_i32()
-    for k in range(4):
-        for l in range(0, 32, 16):
-            q = _u8x16(w, p + 16 + 32 * k + l)
-            a = _dot(a, _mul(_and(q, 15), _lane(sm, 2 * k)), _i16x16(x16, x + 64 * k + l))
-            a = _dot(a, _mul(_shr(q, 4), _lane(sm, 2 * k + 1)), _i16x16(x16, x + 64 * k + 32 + l))
-    acc = _fma(acc, a, _f16(w, p, xd))
-    return _fma(acc, _madd(_mins16(sm), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 2, -xd))
+    k, hi = c >> 2, (c >> 1) & 1
+    q = _u8x16(w, p + 16 + 32 * k + 16 * (c & 1))
+    return _mul(_nibble(q, hi), _lane(_k4_scales(w, p + 4), 2 * k + hi))
 
 
 @njit(inline="always")
-def _q5_k(acc, w, p, x16, xs, s, v, xd):
+def _q4_k_end(acc, a, w, p, xs, s, v, xd):
+    acc = _fma(acc, a, _f16(w, p, xd))
+    return _fma(acc, _madd(_mins16(_k4_scales(w, p + 4)), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 2, -xd))
+
+
+@njit(inline="always")
+def _q5_k_w(w, p, c):
     # block_q5_K, 176 bytes: d @0, dmin @2, scales[12] @4, qh[32] @16 (bit b of qh[l] is bit 4 of value
     # 32b + l), qs[128] @48 as in Q4_K
-    x, sm = s * x16.shape[1] + v, _k4_scales(w, p + 4)
-    a = _zero_i32()
-    for l in range(0, 32, 16):
-        h = _u8x16(w, p + 16 + l)
-        for k in range(4):
-            q = _u8x16(w, p + 48 + 32 * k + l)
-            q0 = _or(_and(q, 15), _shl(_and(_shr(h, 2 * k), 1), 4))
-            q1 = _or(_shr(q, 4), _shl(_and(_shr(h, 2 * k + 1), 1), 4))
-            a = _dot(a, _mul(q0, _lane(sm, 2 * k)), _i16x16(x16, x + 64 * k + l))
-            a = _dot(a, _mul(q1, _lane(sm, 2 * k + 1)), _i16x16(x16, x + 64 * k + 32 + l))
-    acc = _fma(acc, a, _f16(w, p, xd))
-    return _fma(acc, _madd(_mins16(sm), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 2, -xd))
+    k, hi, l = c >> 2, (c >> 1) & 1, 16 * (c & 1)
+    q = _nibble(_u8x16(w, p + 48 + 32 * k + l), hi)
+    q = _or(q, _shl(_and(_shr(_u8x16(w, p + 16 + l), 2 * k + hi), 1), 4))
+    return _mul(q, _lane(_k4_scales(w, p + 4), 2 * k + hi))
+
+
+_q5_k_end = _q4_k_end   # same d, dmin and scale bytes
 
 
 @njit(inline="always")
-def _q6_k(acc, w, p, x16, xs, s, v, xd):
+def _q6_k_w(w, p, c):
     # block_q6_K, 210 bytes: ql[128] @0, qh[64] @128, scales int8[16] @192, d @208; in half h, value
     # 128h + 32k + l has low bits from ql[64h + 32(k&1) + l] (hi nibble for k >= 2) and high bits 2k..2k+1
-    # of qh[32h + l]; w = d * sc * (q - 32), sub-blocks of 16
-    x, sc = s * x16.shape[1] + v, _i8x16(w, p + 192)
-    a = _zero_i32()
-    for h in range(2):
-        for l in range(0, 32, 16):
-            qh = _u8x16(w, p + 128 + 32 * h + l)
-            for k in range(4):
-                q = _and(_shr(_u8x16(w, p + 64 * h + 32 * (k & 1) + l), 4 * (k >> 1)), 15)
-                q = _or(q, _shl(_and(_shr(qh, 2 * k), 3), 4))
-                a = _dot(a, _mul(q, _lane(sc, 8 * h + 2 * k + l // 16)), _i16x16(x16, x + 128 * h + 32 * k + l))
-    acc = _fma(acc, a, _f16(w, p + 208, xd))
-    return _fma(acc, _madd(sc, _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 208, f32(-32) * xd))
+    # of qh[32h + l]; w = d * sc * (q - 32), sub-blocks of 16 (value 16c.. has scale c)
+    h, k, l = c >> 3, (c >> 1) & 3, 16 * (c & 1)
+    q = _and(_shr(_u8x16(w, p + 64 * h + 32 * (k & 1) + l), 4 * (k >> 1)), 15)
+    q = _or(q, _shl(_and(_shr(_u8x16(w, p + 128 + 32 * h + l), 2 * k), 3), 4))
+    return _mul(q, _lane(_i8x16(w, p + 192), c))
 
 
 @njit(inline="always")
-def _q2_k(acc, w, p, x16, xs, s, v, xd):
+def _q6_k_end(acc, a, w, p, xs, s, v, xd):
+    acc = _fma(acc, a, _f16(w, p + 208, xd))
+    sums = _madd(_i8x16(w, p + 192), _i32x16(xs, s * xs.shape[1] + v // 16))
+    return _fma(acc, sums, _f16(w, p + 208, f32(-32) * xd))
+
+
+@njit(inline="always")
+def _q2_k_w(w, p, c):
     # block_q2_K, 84 bytes: scales[16] @0 (lo nibble scale, hi nibble min), qs[64] @16 (value 128h + 32k + l
     # = bits 2k..2k+1 of qs[32h + l]), d @80, dmin @82; w = d * sc * q - dmin * m, sub-blocks of 16
-    x, sm = s * x16.shape[1] + v, _u8x16(w, p)
-    sc = _and(sm, 15)
-    a = _zero_i32()
-    for h in range(2):
-        for l in range(0, 32, 16):
-            q = _u8x16(w, p + 16 + 32 * h + l)
-            for k in range(4):
-                a = _dot(a, _mul(_and(_shr(q, 2 * k), 3), _lane(sc, 8 * h + 2 * k + l // 16)),
-                         _i16x16(x16, x + 128 * h + 32 * k + l))
-    acc = _fma(acc, a, _f16(w, p + 80, xd))
-    return _fma(acc, _madd(_shr(sm, 4), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 82, -xd))
+    h, k, l = c >> 3, (c >> 1) & 3, 16 * (c & 1)
+    return _mul(_and(_shr(_u8x16(w, p + 16 + 32 * h + l), 2 * k), 3), _lane(_and(_u8x16(w, p), 15), c))
 
 
 @njit(inline="always")
-def _q3_k(acc, w, p, x16, xs, s, v, xd):
+def _q2_k_end(acc, a, w, p, xs, s, v, xd):
+    acc = _fma(acc, a, _f16(w, p + 80, xd))
+    return _fma(acc, _madd(_shr(_u8x16(w, p), 4), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 82, -xd))
+
+
+@njit(inline="always")
+def _q3_k_w(w, p, c):
     # block_q3_K, 110 bytes: hmask[32] @0 (bit b of hmask[l] set: value 32b + l keeps +4), qs[64] @32 as in
     # Q2_K, scales[12] @96 (see _q3_scales_ir), d @108; w = d * sc * (q + 4 * hbit - 4), sub-blocks of 16
-    x, sc = s * x16.shape[1] + v, _q3_scales(w, p + 96)
-    a = _zero_i32()
-    for l in range(0, 32, 16):
-        hm = _u8x16(w, p + l)
-        for h in range(2):
-            q2 = _u8x16(w, p + 32 + 32 * h + l)
-            for k in range(4):
-                q = _or(_and(_shr(q2, 2 * k), 3), _shl(_and(_shr(hm, 4 * h + k), 1), 2))
-                a = _dot(a, _mul(q, _lane(sc, 8 * h + 2 * k + l // 16)), _i16x16(x16, x + 128 * h + 32 * k + l))
-    acc = _fma(acc, a, _f16(w, p + 108, xd))
-    return _fma(acc, _madd(sc, _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 108, f32(-4) * xd))
+    h, k, l = c >> 3, (c >> 1) & 3, 16 * (c & 1)
+    q = _or(_and(_shr(_u8x16(w, p + 32 + 32 * h + l), 2 * k), 3), _shl(_and(_shr(_u8x16(w, p + l), 4 * h + k), 1), 2))
+    return _mul(q, _lane(_q3_scales(w, p + 96), c))
 
 
 @njit(inline="always")
-def _q8_0(acc, w, p, x16, xs, s, v, xd):
+def _q3_k_end(acc, a, w, p, xs, s, v, xd):
+    acc = _fma(acc, a, _f16(w, p + 108, xd))
+    return _fma(acc, _madd(_q3_scales(w, p + 96), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 108, f32(-4) * xd))
+
+
+@njit(inline="always")
+def _q8_0_w(w, p, c):
     # block_q8_0, 34 bytes: d @0, qs int8[32] @2; w = d * q
-    x = s * x16.shape[1] + v
-    a = _dot(_madd(_i8x16(w, p + 2), _i16x16(x16, x)), _i8x16(w, p + 18), _i16x16(x16, x + 16))
+    return _i8x16(w, p + 2 + 16 * c)
+
+
+@njit(inline="always")
+def _d_end(acc, a, w, p, xs, s, v, xd):
+    """Types whose only float scale is d @0 (Q8_0, Q4_0, Q5_0)."""
     return _fma(acc, a, _f16(w, p, xd))
 
 
 @njit(inline="always")
-def _q4_0(acc, w, p, x16, xs, s, v, xd):
+def _q4_0_w(w, p, c):
     # block_q4_0, 18 bytes: d @0, qs[16] @2 (value l = lo nibble of qs[l], value l + 16 = hi nibble);
     # w = d * (q - 8)
-    x, q, m8 = s * x16.shape[1] + v, _u8x16(w, p + 2), _fill(-8)
-    a = _dot(_madd(_add(_and(q, 15), m8), _i16x16(x16, x)), _add(_shr(q, 4), m8), _i16x16(x16, x + 16))
-    return _fma(acc, a, _f16(w, p, xd))
+    return _add(_nibble(_u8x16(w, p + 2), c), _fill(-8))
 
 
 @njit(inline="always")
-def _q4_1(acc, w, p, x16, xs, s, v, xd):
+def _q4_1_w(w, p, c):
     # block_q4_1, 20 bytes: d @0, m @2, qs[16] @4 as in Q4_0; w = d * q + m (m times the block's x sum)
-    x, q, g = s * x16.shape[1] + v, _u8x16(w, p + 4), v // 16
-    a = _dot(_madd(_and(q, 15), _i16x16(x16, x)), _shr(q, 4), _i16x16(x16, x + 16))
+    return _nibble(_u8x16(w, p + 4), c)
+
+
+@njit(inline="always")
+def _dm_end(acc, a, w, p, xs, s, v, xd):
+    """Types with d @0 and a min m @2 (Q4_1, Q5_1): m multiplies the block's activation sum."""
+    g = v // 16
     return _plus(_fma(acc, a, _f16(w, p, xd)), _f16(w, p + 2, xd * f32(xs[s, g] + xs[s, g + 1])))
 
 
 @njit(inline="always")
-def _q5_0(acc, w, p, x16, xs, s, v, xd):
+def _q5_0_w(w, p, c):
     # block_q5_0, 22 bytes: d @0, qh u32 @2 (bit l: bit 4 of value l), qs[16] @6 (low 4 bits as in Q4_0);
     # w = d * (q - 16): the fifth bit and the offset together add 0 or -16
-    x, qh, q = s * x16.shape[1] + v, _u32(w, p + 2), _u8x16(w, p + 6)
-    a = _madd(_add(_and(q, 15), _bits(qh, 0, 0, -16)), _i16x16(x16, x))
-    a = _dot(a, _add(_shr(q, 4), _bits(qh, 16, 0, -16)), _i16x16(x16, x + 16))
-    return _fma(acc, a, _f16(w, p, xd))
+    return _add(_nibble(_u8x16(w, p + 6), c), _bits(_u32(w, p + 2), 16 * c, 0, -16))
 
 
 @njit(inline="always")
-def _q5_1(acc, w, p, x16, xs, s, v, xd):
+def _q5_1_w(w, p, c):
     # block_q5_1, 24 bytes: d @0, m @2, qh u32 @4, qs[16] @8 as in Q5_0; w = d * q + m
-    x, qh, q, g = s * x16.shape[1] + v, _u32(w, p + 4), _u8x16(w, p + 8), v // 16
-    a = _madd(_or(_and(q, 15), _bits(qh, 0, 16, 0)), _i16x16(x16, x))
-    a = _dot(a, _or(_shr(q, 4), _bits(qh, 16, 16, 0)), _i16x16(x16, x + 16))
-    return _plus(_fma(acc, a, _f16(w, p, xd)), _f16(w, p + 2, xd * f32(xs[s, g] + xs[s, g + 1])))
+    return _or(_nibble(_u8x16(w, p + 8), c), _bits(_u32(w, p + 4), 16 * c, 16, 0))
+
+
+# --- drivers: one block with one token, or with a tile of four sharing each unpacked chunk --------------------
+
+@njit(inline="always")
+def _block1(chunk, end, n, acc, w, p, x16, xs, s, v, xd):
+    """acc (8 f32 lanes) + the block at byte p (n chunks of 16 values) . values v.. of activation row s."""
+    x = s * x16.shape[1] + v
+    a = _zero_i32()
+    for k in range(n // 2):   # nested loops of 2: LLVM unrolled a single loop of 15 only in part
+        for m in range(2):
+            q, o = chunk(w, p, 2 * k + m), 32 * k + 16 * m
+            a = _madd(q, _i16x16(x16, x)) if o == 0 else _dot(a, q, _i16x16(x16, x + o))   # no zeroed register
+    return end(acc, a, w, p, xs, s, v, xd)
+
+
+@njit(inline="always")
+def _block4(chunk, end, n, acc0, acc1, acc2, acc3, w, p, x16, xs, s0, s1, s2, s3, v, xd0, xd1, xd2, xd3):
+    """_block1 for rows s0..s3: each chunk is unpacked once and dotted with four tokens (int32 sums in
+    registers), so for many tokens the pmaddwd, not the unpacking, sets the pace."""
+    D = x16.shape[1]
+    x0, x1, x2, x3 = s0 * D + v, s1 * D + v, s2 * D + v, s3 * D + v
+    a0, a1, a2, a3 = _zero_i32(), _zero_i32(), _zero_i32(), _zero_i32()
+    b0, b1, b2, b3 = _zero_i32(), _zero_i32(), _zero_i32(), _zero_i32()
+    for k in range(n // 2):   # two int32 sums per token (even / odd chunks): eight chains of pmaddwd, not four
+        q, o = chunk(w, p, 2 * k), 32 * k
+        if k == 0:
+            a0, a1 = _madd(q, _i16x16(x16, x0)), _madd(q, _i16x16(x16, x1))
+            a2, a3 = _madd(q, _i16x16(x16, x2)), _madd(q, _i16x16(x16, x3))
+        else:
+            a0, a1 = _dot(a0, q, _i16x16(x16, x0 + o)), _dot(a1, q, _i16x16(x16, x1 + o))
+            a2, a3 = _dot(a2, q, _i16x16(x16, x2 + o)), _dot(a3, q, _i16x16(x16, x3 + o))
+        q, o = chunk(w, p, 2 * k + 1), 32 * k + 16
+        if k == 0:
+            b0, b1 = _madd(q, _i16x16(x16, x0 + o)), _madd(q, _i16x16(x16, x1 + o))
+            b2, b3 = _madd(q, _i16x16(x16, x2 + o)), _madd(q, _i16x16(x16, x3 + o))
+        else:
+            b0, b1 = _dot(b0, q, _i16x16(x16, x0 + o)), _dot(b1, q, _i16x16(x16, x1 + o))
+            b2, b3 = _dot(b2, q, _i16x16(x16, x2 + o)), _dot(b3, q, _i16x16(x16, x3 + o))
+    return (end(acc0, _sum(a0, b0), w, p, xs, s0, v, xd0), end(acc1, _sum(a1, b1), w, p, xs, s1, v, xd1),
+            end(acc2, _sum(a2, b2), w, p, xs, s2, v, xd2), end(acc3, _sum(a3, b3), w, p, xs, s3, v, xd3))

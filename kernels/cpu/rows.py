@@ -16,8 +16,9 @@ import numpy as np
 from numba import njit
 
 from dslocal.kernels.cpu.blocks import (BF16, F16, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
-                                        _hsum, _q2_k, _q3_k, _q4_0, _q4_1, _q4_k, _q5_0, _q5_1, _q5_k, _q6_k,
-                                        _q8_0, _zero)
+                                        _block1, _block4, _d_end, _dm_end, _hsum, _q2_k_end, _q2_k_w, _q3_k_end,
+                                        _q3_k_w, _q4_0_w, _q4_1_w, _q4_k_end, _q4_k_w, _q5_0_w, _q5_1_w, _q5_k_end,
+                                        _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _zero)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -28,6 +29,8 @@ GROUP = 16        # activation values per int32 sum
 # int16 (Q6_K: 63 * 128), a pmaddwd pair of those times 1023 and 16 of them per int32 lane fit int32, and a
 # group sum (16 * 1023) fits int16 (blocks.py loads xs as int16 lanes).
 XMAX = 1023
+ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows stay in L2, the tile's activations
+                   # (16 KB at 2048 values) in L1; rows outer, tokens inner read every token from L2 for every row
 LANES = 32        # no kernel reads it any more; rows_dot keeps the argument because moe.py passes it
 
 
@@ -102,76 +105,94 @@ def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, lanes):
 
 
 @njit(inline="always")
-def _rows(block, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    """res[i, r - r0] = row r . activation row src[i], one `block` (kernels/cpu/blocks.py) at a time. Tokens
-    loop inside rows: the row stays in L1 while each token's activations (4 KB per 2048 values) come from L2.
-    Even and odd blocks go to two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one,
-    32-value types unchanged (NOTES.md)."""
+def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, res):
+    """res[i, r - r0] = row r . activation row src[i], one block (kernels/cpu/blocks.py) at a time. Tokens
+    loop inside rows: the row stays in L1 while the activations (4 KB per token per 2048 values) come from L2.
+    Four tokens at a time share each unpacked block (_block4); the rest go one by one, even and odd blocks
+    into two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one (NOTES.md)."""
     R, row_bytes = w.shape[1], w.shape[2]
-    n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
-    for r in range(r0, r1):
-        p = (e * R + r) * row_bytes
-        for i in range(n_src):
-            s = src[i]
-            acc0, acc1 = _zero(), _zero()
-            for j in range(0, n_blocks - 1, 2):   # unsigned j: the scale's index is a shift, no sign fix-ups
-                acc0 = block(acc0, w, p + n_bytes * j, x16, xs, s, n_values * j, xd[s, u64(j) // per_scale])
-                acc1 = block(acc1, w, p + n_bytes * (j + 1), x16, xs, s, n_values * (j + 1),
-                             xd[s, u64(j + 1) // per_scale])
-            if n_blocks % 2:
-                j = n_blocks - 1
-                acc0 = block(acc0, w, p + n_bytes * j, x16, xs, s, n_values * j, xd[s, u64(j) // per_scale])
-            res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
+    n_blocks, per_scale, n = row_bytes // n_bytes, u64(QB // n_values), n_values // 16
+    for b0 in range(r0, r1, ROW_BLOCK):
+        b1 = min(b0 + ROW_BLOCK, r1)
+        i = 0
+        while i + 4 <= n_src:
+            s0, s1, s2, s3 = src[i], src[i + 1], src[i + 2], src[i + 3]
+            for r in range(b0, b1):
+                p = (e * R + r) * row_bytes
+                acc0, acc1, acc2, acc3 = _zero(), _zero(), _zero(), _zero()
+                for j in range(n_blocks):   # unsigned j: the scale's index is a shift, no sign fix-ups
+                    c = u64(j) // per_scale
+                    acc0, acc1, acc2, acc3 = _block4(chunk, end, n, acc0, acc1, acc2, acc3, w, p + n_bytes * j, x16,
+                                                     xs, s0, s1, s2, s3, n_values * j, xd[s0, c], xd[s1, c],
+                                                     xd[s2, c], xd[s3, c])
+                res[i, r - r0], res[i + 1, r - r0] = _hsum(acc0), _hsum(acc1)
+                res[i + 2, r - r0], res[i + 3, r - r0] = _hsum(acc2), _hsum(acc3)
+            i += 4
+        for r in range(b0, b1):
+            p = (e * R + r) * row_bytes
+            for i in range(n_src - n_src % 4, n_src):
+                s = src[i]
+                acc0, acc1 = _zero(), _zero()
+                for j in range(0, n_blocks - 1, 2):
+                    acc0 = _block1(chunk, end, n, acc0, w, p + n_bytes * j, x16, xs, s, n_values * j,
+                                   xd[s, u64(j) // per_scale])
+                    acc1 = _block1(chunk, end, n, acc1, w, p + n_bytes * (j + 1), x16, xs, s, n_values * (j + 1),
+                                   xd[s, u64(j + 1) // per_scale])
+                if n_blocks % 2:
+                    j = n_blocks - 1
+                    acc0 = _block1(chunk, end, n, acc0, w, p + n_bytes * j, x16, xs, s, n_values * j,
+                                   xd[s, u64(j) // per_scale])
+                res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q4_k, 144, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q4_k_w, _q4_k_end, 144, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q5_k, 176, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q5_k_w, _q5_k_end, 176, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q6_k, 210, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q6_k_w, _q6_k_end, 210, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q2_k, 84, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q2_k_w, _q2_k_end, 84, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q3_k, 110, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q3_k_w, _q3_k_end, 110, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q8_0, 34, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q8_0_w, _d_end, 34, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q4_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q4_0, 18, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q4_0_w, _d_end, 18, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q4_1(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q4_1, 20, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q4_1_w, _dm_end, 20, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q5_0, 22, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q5_0_w, _d_end, 22, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_1(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q5_1, 24, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    _rows(_q5_1_w, _dm_end, 24, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(inline="always")

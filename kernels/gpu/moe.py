@@ -87,20 +87,25 @@ class GPUExperts:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= experts.n_expert):
             raise ValueError(f"expert ids must be in [0, {experts.n_expert}), got {ids.tolist()}")
-        # a run of consecutive ids is a slice of the file's memory map: no gather copy on the host
-        run = ids.size and (np.diff(ids) == 1).all()
+        # runs of consecutive ids are slices of the file's memory map, copied straight into the pinned
+        # buffer: a gather (host[ids]) first would write every byte once more, into fresh pages
+        cut = np.flatnonzero(np.diff(ids) != 1) + 1
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(ids, cut)] if ids.size else []
         mats, used = [], 0
         for name in ("gate", "up", "down"):
             t = getattr(experts, name + "_type")
-            host = getattr(experts, name)
-            host = host[ids[0]:ids[-1] + 1] if run else host[ids]                # (E, rows, row_bytes)
+            host = getattr(experts, name)                                        # (E, rows, row_bytes)
             if staging is None:
-                raw = _host_tensor(host).to(device)
+                raw = _host_tensor(host[ids]).to(device)
             else:
-                pinned = staging[used:used + host.nbytes].view(host.shape)
-                pinned.copy_(_host_tensor(host))
+                shape = (len(ids), *host.shape[1:])
+                pinned = staging[used:used + int(np.prod(shape))].view(shape)
+                at = 0
+                for a, b in runs:
+                    pinned[at:at + b - a].copy_(_host_tensor(host[a:b]))
+                    at += b - a
                 raw = pinned.to(device, non_blocking=True)
-                used += host.nbytes
+                used += pinned.numel()
             if t not in KEEP_BLOCKS:
                 raw = dequantize(raw, t, _PLAIN.get(t, dtype))               # (E, rows, cols)
             mats.append(raw)

@@ -163,3 +163,15 @@ def test_decode_replays_in_cuda_graph():
     err = nse(out.cpu(), reference(x_new, glob, local, w, ex))
     print(f"CUDA graph replay: NSE {err:.2e} (bound {NSE_F32:.0e})")
     assert err < NSE_F32
+
+
+def test_staged_copy_equals_the_direct_copy(device):
+    """from_experts through a staging buffer (how long prompts stream experts) copies runs of ids as
+    slices of the file; the result must be the experts the direct copy gives, in the order of ids."""
+    ex = experts_of(GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.Q5_0, 256, 64, np.random.default_rng(9))
+    ids = [0, 1, 2, 5, 6, 7, 3]
+    staging = torch.zeros(GPUExperts.staging_bytes(ex, len(ids)), dtype=torch.uint8)
+    direct = GPUExperts.from_experts(ex, ids, device, torch.float32)
+    staged = GPUExperts.from_experts(ex, ids, device, torch.float32, staging=staging)
+    for name in ("gate", "up", "down"):
+        assert torch.equal(getattr(direct, name), getattr(staged, name)), name
