@@ -286,7 +286,7 @@ def plan(model: ModelShape, hardware: Hardware, budget: Budget) -> Placement:
             expert_gpu_bytes=len(ids) * shape.expert.gpu, expert_cpu_bytes=n_cpu * shape.expert.file)
         layers.append(lp)
         if shape.moe:
-            cpu_mass = 1.0 - float(shares[i][list(ids)].sum()) if ids else 1.0
+            cpu_mass = max(0.0, 1.0 - float(shares[i][list(ids)].sum())) if ids else 1.0
             expert_per_token += model.n_expert_used * shape.expert.file * cpu_mass
         if not base_gpu:
             other_per_token += shape.attn.file + shape.router.file + shape.shared.file + shape.dense.file
