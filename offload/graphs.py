@@ -80,8 +80,7 @@ class DecodeGraphs:
         for moe in self.moes:
             moe.graph_step = self
         try:
-            h = self.model.hidden(self.token, self.cache, self.pos)                   # (1, 1, D)
-            return self.model.head(self.model.norm(h)).float()[0, -1]                 # (V,)
+            return self.model.next_logits(self.token, self.cache, self.pos)
         except BaseException:
             self._collect()
             raise
@@ -152,5 +151,4 @@ class GraphedDecoder:
                 print(f"dslocal: decode steps run without CUDA graphs ({str(e).splitlines()[0]})", file=self.log)
                 self.graphs = None
                 torch.cuda.synchronize(self.device)
-        h = self.model.hidden(torch.tensor([[token]], device=self.device), self.cache, pos)
-        return self.model.head(self.model.norm(h)).float()[0, -1]
+        return self.model.next_logits(torch.tensor([[token]], device=self.device), self.cache, pos)

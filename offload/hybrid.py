@@ -79,8 +79,9 @@ class OffloadedMoE(nn.Module):
         self.register_buffer("counts", torch.zeros(E, dtype=torch.long, device=device), persistent=False)
         self.gpu = None
         if self.n_gpu:
-            from dslocal.kernels.gpu.moe import GPUExperts   # Triton: imported only when experts go there
+            from dslocal.kernels.gpu.moe import GPUExperts, moe_ffn   # Triton: only when experts go there
             self.gpu = GPUExperts.from_experts(experts, gpu_ids, device)
+            self._gpu_moe_ffn = moe_ffn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -94,10 +95,7 @@ class OffloadedMoE(nn.Module):
         if overlap:
             self.worker.submit(x, self.cpu_id[ids], w, self.experts)           # returns at once
         try:
-            y = self.shared(x).float() if self.shared is not None else torch.zeros(x.shape, device=x.device)
-            if self.gpu is not None:
-                from dslocal.kernels.gpu.moe import moe_ffn as gpu_moe_ffn
-                y += gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
+            y = self._gpu_part(x, ids, w)
         except BaseException:           # Ctrl-C or an error: collect the CPU job so the next step can start
             if overlap:
                 self.worker.wait()
@@ -112,6 +110,12 @@ class OffloadedMoE(nn.Module):
             y += y_cpu.to(y.device, non_blocking=True)
         return y.to(x.dtype).view(shape)
 
+    def _gpu_part(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Shared experts plus the routed experts kept on the GPU: (M, D) float32."""
+        y = self.shared(x).float() if self.shared is not None else torch.zeros(x.shape, device=x.device)
+        if self.gpu is not None:
+            y += self._gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
+        return y
 
     def _forward_in_graph_step(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The same layer as a decode step captured by offload/graphs.py sees it: the inputs of the CPU
@@ -124,10 +128,7 @@ class OffloadedMoE(nn.Module):
         ids_host.copy_(self.cpu_id[ids], non_blocking=True)
         w_host.copy_(w, non_blocking=True)
         step.cut(("submit", self))
-        y = self.shared(x).float() if self.shared is not None else torch.zeros(x.shape, device=x.device)
-        if self.gpu is not None:
-            from dslocal.kernels.gpu.moe import moe_ffn as gpu_moe_ffn
-            y += gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
+        y = self._gpu_part(x, ids, w)
         step.cut(("wait", self))
         y += out_host.to(x.device, non_blocking=True)
         return y.to(x.dtype)

@@ -23,7 +23,8 @@ from dslocal.offload.prefill import UNIT_BYTES
 from dslocal.offload.planner import Budget, Hardware, ModelShape, Placement, PlanError, format_plan, parse_size, plan
 from dslocal.quant.gguf_file import GGUFFile
 from dslocal.runtime.config import ModelConfig
-from dslocal.runtime.model import DeepSeek
+from dslocal.runtime.model import DeepSeek, LatentCache
+from dslocal.runtime.tokenizer import Tokenizer
 
 GiB = 2**30
 # GPU memory kept out of the plan: activations, a prefill chunk's attention scores and torch's allocator
@@ -108,11 +109,8 @@ def replace_gpu_experts(model: DeepSeek, placement: Placement) -> None:
 @torch.inference_mode()
 def _calibrate(model: DeepSeek, f: GGUFFile, cfg: ModelConfig, s: Placing, path: str, log) -> dict:
     """Route CALIBRATION_TEXT through the model, store the counts for this file, and return them."""
-    from dslocal.runtime.model import LatentCache
-    from dslocal.runtime.tokenizer import Tokenizer
-    from dslocal.offload.hotness import CALIBRATION_TEXT
     t0 = time.perf_counter()
-    tokens = Tokenizer.from_gguf(f).encode(CALIBRATION_TEXT)[:min(CALIBRATION_TOKENS, s.context)]
+    tokens = Tokenizer.from_gguf(f).encode(hotness.CALIBRATION_TEXT)[:min(CALIBRATION_TOKENS, s.context)]
     device = torch.device(s.device)
     cache = LatentCache(cfg, 1, len(tokens), s.dtype, device)
     model.hidden(torch.tensor([tokens], device=device), cache, 0)

@@ -76,11 +76,6 @@ class ExpertStreamer:
             self._staging = [(torch.empty(most, dtype=torch.uint8, pin_memory=True), None) for _ in range(2)]
         self._next = (k, self._pool.submit(self._copy, k)) if k < len(self.units) else None
 
-    def prefetch(self, layer: int) -> None:
-        """Start copying the first unit of `layer` (a prefill is about to reach it) if nothing is under way."""
-        if self._next is None and layer in self.first_unit:
-            self._start(self.first_unit[layer])
-
     def _take(self, k: int):
         """Unit k on the GPU (waiting for its copy); the copy of unit k + 1 starts at once."""
         if self._next is None or self._next[0] != k:

@@ -76,9 +76,7 @@ class Engine:
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
         if len(tokens) == 1 and self.decode_step is not None:
             return self.decode_step(tokens[0], start)
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        h = self.model.hidden(ids, self.cache, start)[:, -1:]     # (1, 1, D): only the last token's logits
-        return self.model.head(self.model.norm(h)).float()[0, -1]
+        return self.model.next_logits(torch.tensor([tokens], dtype=torch.long, device=self.device), self.cache, start)
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], s: Sampling) -> Iterator[Piece]:

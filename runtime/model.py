@@ -361,6 +361,11 @@ class DeepSeek(nn.Module):
         """tokens (B, T) at positions start.. -> logits (B, T, V) fp32; appends to the cache if given."""
         return self.head(self.norm(self.hidden(tokens, cache, start))).float()
 
+    def next_logits(self, tokens: torch.Tensor, cache: LatentCache, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """tokens (1, T) appended to the cache -> logits (V,) fp32 of the last one only (generation)."""
+        h = self.hidden(tokens, cache, start)[:, -1:]                                   # (1, 1, D)
+        return self.head(self.norm(h)).float()[0, -1]
+
     def hidden(self, tokens: torch.Tensor, cache: LatentCache | None = None, start: int = 0) -> torch.Tensor:
         """tokens (B, T) -> the last block's output (B, T, D), before the final norm."""
         T = tokens.shape[1]
