@@ -7,6 +7,7 @@ The CPU MoE kernels are judged against this number (DESIGN.md, "The performance 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 import numba
@@ -33,9 +34,30 @@ def _read_all(a, n_parts):
 
 
 def read_bandwidth(gib: float = 4.0, repeat: int = 5, threads: int | None = None) -> dict:
-    """Best-of-repeat read bandwidth in GB/s (1e9 bytes/s) of a gib GiB buffer on numba's threads."""
-    if threads:
-        numba.set_num_threads(threads)
+    """Best-of-repeat read bandwidth in GB/s (1e9 bytes/s) of a gib GiB buffer on `threads` threads
+    (default: as many as the calling thread's numba.get_num_threads()).
+
+    Probed from a thread that ends with the probe: its OpenMP team goes with it, and does not stay beside
+    the CPU expert worker's (offload/cpu_worker.py says why that would slow the worker down)."""
+    threads = threads or numba.get_num_threads()
+    result: dict = {}
+    errors: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            result.update(_probe(gib, repeat, threads))
+        except BaseException as e:      # raised again in the caller
+            errors.append(e)
+    t = threading.Thread(target=probe, name="dslocal-dram-probe")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return result
+
+
+def _probe(gib: float, repeat: int, threads: int) -> dict:
+    numba.set_num_threads(threads)
     a = np.empty(int(gib * 2**30) // 8, np.uint64)
     a[:] = 1                                   # touch every page before timing
     n = numba.get_num_threads()

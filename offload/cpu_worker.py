@@ -4,6 +4,7 @@
     worker.submit(x, topk_ids, topk_weights, experts)   # returns at once
     ...                                      # GPU work: attention of the next micro-batch, shared experts
     y = worker.wait()                        # (T, D) float32 on the CPU, pinned; re-raises worker errors
+    worker.submit_call(layer_call, ready)    # a prepared kernels.cpu.moe.LayerCall on fixed buffers
     worker.close()                           # or `with ExpertWorker() as worker:`
 
 One job at a time, in order: submit, then wait, then the next submit. The kernels (kernels/cpu/moe.py) run
@@ -11,6 +12,11 @@ compiled and without the GIL, so the caller's Python thread keeps running during
 CUDA device are copied into pinned host buffers without blocking the caller (the worker waits for the
 copy's event); the result lands in a pinned buffer that is reused by the next job, so copy it to the GPU
 (non_blocking=True is fine) before the next submit.
+
+Numba's OpenMP layer gives each thread that calls a parallel kernel a team of its own, and once the
+process has more of those threads than cores, every team stops spinning between parallel steps and sleeps
+(~35 us more per step, four steps per layer, measured on the GPU box). So let one thread of the process
+call the kernels: this worker while it exists (bench/dram.py probes in a short-lived thread for this).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import os
 import queue
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numba
@@ -25,7 +32,7 @@ import numpy as np
 import psutil
 import torch
 
-from dslocal.kernels.cpu.moe import moe_ffn
+from dslocal.kernels.cpu.moe import LayerCall, moe_ffn
 from dslocal.kernels.experts import ExpertTensors
 
 
@@ -38,11 +45,7 @@ def default_threads() -> int:
 
 @dataclass
 class _Job:
-    x: torch.Tensor
-    ids: torch.Tensor
-    weights: torch.Tensor
-    experts: ExpertTensors
-    out: torch.Tensor
+    run: Callable[[], object]          # the layer; its return value is what wait() gives back
     ready: torch.cuda.Event | None     # set when the device-to-host copies have landed
 
 
@@ -70,10 +73,7 @@ class ExpertWorker:
         Returns at once; CPU inputs are used in place, so leave them unchanged until wait() returns.
         ready: for CPU inputs that a CUDA stream is still writing (a replayed graph's copies), the event
         after those copies; out: a float32 (T, D) host buffer for the result instead of the reused one."""
-        if self._closed:
-            raise RuntimeError("the CPU expert worker is closed")
-        if self._pending:
-            raise RuntimeError("submit() called twice without wait(): the worker runs one layer at a time")
+        self._check_free()
         x = torch.as_tensor(x)
         T, D = x.shape[0], experts.hidden
         if x.device.type == "cuda" or torch.as_tensor(topk_ids).device.type == "cuda":
@@ -84,8 +84,24 @@ class ExpertWorker:
             ready.record()
         if out is None:
             out = self._buffer("out", (T, D), torch.float32)
+        ids, weights = torch.as_tensor(topk_ids), torch.as_tensor(topk_weights)
+        self._put(_Job(lambda: moe_ffn(x, ids, weights, experts, out=out), ready))
+
+    def submit_call(self, call: LayerCall, ready: torch.cuda.Event | None = None) -> None:
+        """Start a prepared layer (its buffers checked and scratch allocated once; kernels/cpu/moe.py);
+        ready: the event after the copies into its input buffers. wait() returns its out array."""
+        self._check_free()
+        self._put(_Job(call, ready))
+
+    def _check_free(self) -> None:
+        if self._closed:
+            raise RuntimeError("the CPU expert worker is closed")
+        if self._pending:
+            raise RuntimeError("submit() called twice without wait(): the worker runs one layer at a time")
+
+    def _put(self, job: _Job) -> None:
         self._pending = True
-        self._jobs.put(_Job(x, torch.as_tensor(topk_ids), torch.as_tensor(topk_weights), experts, out, ready))
+        self._jobs.put(job)
 
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         """The result of the last submit(): (T, D) float32 on the CPU, in a buffer the next job reuses.
@@ -149,8 +165,7 @@ class ExpertWorker:
             try:
                 if job.ready is not None:
                     job.ready.synchronize()
-                y = moe_ffn(job.x, job.ids, job.weights, job.experts, out=job.out)
-                self._results.put((y, None))
+                self._results.put((job.run(), None))
             except BaseException as e:           # handed to the caller by wait()
                 self._results.put((None, e))
             if not warned:

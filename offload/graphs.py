@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from dslocal.kernels.cpu.moe import LayerCall
 from dslocal.offload.cpu_worker import ExpertWorker
 from dslocal.offload.hybrid import OffloadedMoE
 from dslocal.runtime.model import DeepSeek, LatentCache
@@ -41,6 +42,7 @@ class DecodeGraphs:
         self.after: list[tuple[str, OffloadedMoE] | None] = []   # what the host does after each graph
         self.logits: torch.Tensor | None = None                  # the last graph's output (V,)
         self._buffers: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._calls: dict[int, LayerCall] = {}      # each layer's CPU experts on its fixed buffers
         self._capturing = False
         self._graph: torch.cuda.CUDAGraph | None = None
         self._pool = None
@@ -50,8 +52,10 @@ class DecodeGraphs:
         """The layer's fixed pinned hand-off buffers: x (T, D), ids (T, K), weights (T, K), result (T, D)."""
         if id(moe) not in self._buffers:
             D = moe.experts.hidden
-            self._buffers[id(moe)] = tuple(torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in (
+            buffers = tuple(torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in (
                 ((T, D), torch.float32), ((T, K), torch.long), ((T, K), torch.float32), ((T, D), torch.float32)))
+            self._buffers[id(moe)] = buffers
+            self._calls[id(moe)] = LayerCall(*buffers[:3], moe.experts, out=buffers[3])
         return self._buffers[id(moe)]
 
     def cut(self, action: tuple[str, OffloadedMoE]) -> None:
@@ -70,8 +74,7 @@ class DecodeGraphs:
         if kind == "submit":
             ready = torch.cuda.Event()
             ready.record()
-            x, ids, w, out = self._buffers[id(moe)]
-            self.worker.submit(x, ids, w, moe.experts, ready=ready, out=out)
+            self.worker.submit_call(self._calls[id(moe)], ready)
         else:
             self.worker.wait()
 

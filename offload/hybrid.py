@@ -31,7 +31,7 @@ from dslocal.offload.planner import Placement, gpu_bytes
 from dslocal.offload.prefill import STREAM_MIN_TOKENS, ExpertStreamer
 from dslocal.quant.gguf_file import GGUFFile
 from dslocal.runtime.config import ModelConfig
-from dslocal.runtime.model import DeepSeek, MoE
+from dslocal.runtime.model import DeepSeek, MoE, fused
 from dslocal.runtime.weights import load_model
 
 
@@ -86,14 +86,13 @@ class OffloadedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                            # (M, D)
-        ids, w = self.router(x)                                                 # (M, K), on x's device
-        self.counts.scatter_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))
+        ids, w, cpu_ids = self._route(x)                                        # (M, K), on x's device
         stream = self.n_cpu and self.streamer is not None and x.shape[0] >= STREAM_MIN_TOKENS
         overlap = self.n_cpu and self.worker is not None and not stream
         if overlap and self.graph_step is not None:
-            return self._forward_in_graph_step(x, ids, w).view(shape)
+            return self._forward_in_graph_step(x, ids, w, cpu_ids).view(shape)
         if overlap:
-            self.worker.submit(x, self.cpu_id[ids], w, self.experts)           # returns at once
+            self.worker.submit(x, cpu_ids, w, self.experts)                    # returns at once
         try:
             y = self._gpu_part(x, ids, w)
         except BaseException:           # Ctrl-C or an error: collect the CPU job so the next step can start
@@ -101,14 +100,28 @@ class OffloadedMoE(nn.Module):
                 self.worker.wait()
             raise
         if stream:
-            y += self.streamer.layer_experts(self.stream_index, x, self.cpu_id[ids], w)
+            y += self.streamer.layer_experts(self.stream_index, x, cpu_ids, w)
         elif self.n_cpu:
             if self.worker is None:
-                y_cpu = cpu_moe.moe_ffn(x.float().cpu(), self.cpu_id[ids].cpu(), w.cpu(), self.experts)
+                y_cpu = cpu_moe.moe_ffn(x.float().cpu(), cpu_ids.cpu(), w.cpu(), self.experts)
             else:
                 y_cpu = self.worker.wait()      # a reused pinned buffer: copied before the next submit
             y += y_cpu.to(y.device, non_blocking=True)
         return y.to(x.dtype).view(shape)
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (M, D) -> expert ids, weights and CPU ids (the id, or -1 for a GPU expert), each (M, K); the
+        routing counts updated. On CUDA all but the logits matmul is one kernel (kernels/gpu/router.py)."""
+        r = self.router
+        if fused(x):
+            from dslocal.kernels.gpu.router import route
+            cfg = r.cfg
+            return route(x.float() @ r.weight.t(), r.bias, cfg.n_expert_used, cfg.gating, cfg.n_group,
+                         cfg.n_group_used, cfg.expert_weights_norm, cfg.expert_weights_scale, self.cpu_id,
+                         self.counts)
+        ids, w = r(x)
+        self.counts.scatter_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))
+        return ids, w, self.cpu_id[ids]
 
     def _gpu_part(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Shared experts plus the routed experts kept on the GPU: (M, D) float32."""
@@ -117,7 +130,8 @@ class OffloadedMoE(nn.Module):
             y += self._gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
         return y
 
-    def _forward_in_graph_step(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _forward_in_graph_step(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                               cpu_ids: torch.Tensor) -> torch.Tensor:
         """The same layer as a decode step captured by offload/graphs.py sees it: the inputs of the CPU
         experts are copied into fixed pinned buffers, the step is cut there (the host starts the CPU job),
         the GPU's own experts form the next piece, the step is cut again (the host waits for the CPU), and
@@ -125,7 +139,7 @@ class OffloadedMoE(nn.Module):
         step = self.graph_step
         x_host, ids_host, w_host, out_host = step.buffers(self, x.shape[0], ids.shape[1])
         x_host.copy_(x, non_blocking=True)
-        ids_host.copy_(self.cpu_id[ids], non_blocking=True)
+        ids_host.copy_(cpu_ids, non_blocking=True)
         w_host.copy_(w, non_blocking=True)
         step.cut(("submit", self))
         y = self._gpu_part(x, ids, w)

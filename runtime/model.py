@@ -61,6 +61,13 @@ class Linear(nn.Linear):
         return Fn.linear(round_activations(x, self.act), self.weight)
 
 
+def fused(x: torch.Tensor) -> bool:
+    """Inference on a CUDA device: the Triton kernels of kernels/gpu stand in for chains of small torch
+    kernels (a decode step launches ~3x fewer kernels). Training and CPU runs keep the torch code, which
+    those kernels are tested against."""
+    return x.is_cuda and not torch.is_grad_enabled()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -68,6 +75,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused(x):
+            from dslocal.kernels.gpu.norm import rms_norm
+            return rms_norm(x, self.weight, self.eps)[0]
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -148,23 +158,33 @@ class MLA(nn.Module):
         else:
             q = self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.H, self.N + self.R)
-        q_nope, q_pe = q[..., :self.N], apply_rope(q[..., self.N:], cos[:, None], sin[:, None])
         kv = self.wkv_a(x)                                               # (B, T, C + R)
-        c_kv = self.kv_norm(kv[..., :self.C])                            # (B, T, C)
-        k_pe = apply_rope(kv[..., self.C:], cos, sin)                    # (B, T, R)
-        if cache is not None and isinstance(start, torch.Tensor):
-            # a decode step captured in a CUDA graph: the position lives on the device (offload/graphs.py)
-            at = start + torch.arange(T, device=x.device)
-            cache.kv[layer].index_copy_(1, at, c_kv.to(cache.kv.dtype))
-            cache.pe[layer].index_copy_(1, at, k_pe.to(cache.pe.dtype))
-        elif cache is not None:
-            cache.kv[layer, :, start:start + T] = c_kv
-            cache.pe[layer, :, start:start + T] = k_pe
-            c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
+        if cache is not None and fused(x):
+            # rope of q_pe, and the latent normed, roped and written to the cache: one kernel each
+            from dslocal.kernels.gpu.rope import latent_to_cache, rope
+            q_nope, q_pe = q[..., :self.N], rope(q[..., self.N:], cos, sin)
+            latent_to_cache(kv, self.kv_norm.weight, self.kv_norm.eps, cos, sin, cache.kv[layer], cache.pe[layer],
+                            start)
+            c_kv = k_pe = None      # a captured decode step (start on the device) reads the cache itself
+            if isinstance(start, int):
+                c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
+        else:
+            q_nope, q_pe = q[..., :self.N], apply_rope(q[..., self.N:], cos[:, None], sin[:, None])
+            c_kv = self.kv_norm(kv[..., :self.C])                        # (B, T, C)
+            k_pe = apply_rope(kv[..., self.C:], cos, sin)                # (B, T, R)
+            if cache is not None and isinstance(start, torch.Tensor):
+                # a decode step captured in a CUDA graph: the position lives on the device (offload/graphs.py)
+                at = start + torch.arange(T, device=x.device)
+                cache.kv[layer].index_copy_(1, at, c_kv.to(cache.kv.dtype))
+                cache.pe[layer].index_copy_(1, at, k_pe.to(cache.pe.dtype))
+            elif cache is not None:
+                cache.kv[layer, :, start:start + T] = c_kv
+                cache.pe[layer, :, start:start + T] = k_pe
+                c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
         # Absorb wk_b into the query: q_nope . (wk_b c) = (wk_b^T q_nope) . c, so keys stay latent.
         q_nope = round_activations(q_nope, self.act_k_b)
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope.float(), self.wk_b.float())
-        if cache is not None and x.is_cuda and T <= DECODE_TOKENS and not torch.is_grad_enabled():
+        if cache is not None and fused(x) and T <= DECODE_TOKENS:
             # decode on a GPU: the same attention in one Triton kernel pair (flash-decoding; kernels/gpu/mla.py)
             from dslocal.kernels.gpu.mla import mla_decode
             length = start + T if isinstance(start, int) else (start + T).to(torch.int32)
@@ -315,7 +335,12 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden, cfg.dense_ffn)
 
     def forward(self, x, cos, sin, cache, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer, start)
+        a = self.attn(self.attn_norm(x), cos, sin, cache, self.layer, start)
+        if fused(x):    # the residual add and the norm after it in one kernel
+            from dslocal.kernels.gpu.norm import rms_norm
+            h, x = rms_norm(a, self.ffn_norm.weight, self.ffn_norm.eps, residual=x)
+            return x + self.ffn(h)
+        x = x + a
         return x + self.ffn(self.ffn_norm(x))
 
 

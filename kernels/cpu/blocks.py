@@ -200,6 +200,16 @@ def _fma_ir(c, b, sig, acc, a, times):
     return b.fadd(acc, b.fmul(b.sitofp(a, _V8F), times, flags=["contract"]), flags=["contract"])
 
 
+def _prefetch_ir(c, b, sig, a, i):
+    """prefetcht0 of the cache line holding byte i of a: a hint that never faults, even past a's end."""
+    data = c.make_array(sig.args[0])(c, b, a).data
+    _call(b, "llvm.prefetch.p0", ir.VoidType(), [b.gep(data, [i]), ir.Constant(_i32, 0), ir.Constant(_i32, 3),
+                                                 ir.Constant(_i32, 1)])
+    return c.get_dummy_value()
+
+
+_prefetch = _op("_prefetch", types.none, _prefetch_ir, (0,))
+
 # loads at flat element i of a C-contiguous array; 16 int16 lanes unless stated
 _u8x16 = _op("_u8x16", I16, lambda c, b, sig, a, i: _widen_u8(b, _load(c, b, sig, a, i, ir.VectorType(_i8, 16))), (0,))
 _i8x16 = _op("_i8x16", I16, lambda c, b, sig, a, i: b.sext(_load(c, b, sig, a, i, ir.VectorType(_i8, 16)), _V16), (0,))

@@ -18,7 +18,7 @@ from numba import njit
 from dslocal.kernels.cpu.blocks import (BF16, F16, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
                                         _block1, _block4, _d_end, _dm_end, _hsum, _q2_k_end, _q2_k_w, _q3_k_end,
                                         _q3_k_w, _q4_0_w, _q4_1_w, _q4_k_end, _q4_k_w, _q5_0_w, _q5_1_w, _q5_k_end,
-                                        _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _zero)
+                                        _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -31,6 +31,12 @@ GROUP = 16        # activation values per int32 sum
 XMAX = 1023
 ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows stay in L2, the tile's activations
                    # (16 KB at 2048 values) in L1; rows outer, tokens inner read every token from L2 for every row
+# One-token rows shorter than PREFETCH_MAX_ROW_BYTES ask for the row PREFETCH_ROWS ahead while they compute.
+# On the GPU box, decoding the V2-Lite-shaped file (rows of 2048 values, ~1.1 KB in Q4_K; experts read from
+# the file's 4 KB pages, where the hardware prefetcher stops at each page end) went 36-38 -> 41-43 tokens/s;
+# V3's 7168-value rows (4 KB in Q4_K) were ~18% slower with it, so long rows are left to the hardware.
+PREFETCH_ROWS = 2
+PREFETCH_MAX_ROW_BYTES = 2048
 LANES = 32        # no kernel reads it any more; rows_dot keeps the argument because moe.py passes it
 
 
@@ -130,6 +136,9 @@ def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, 
             i += 4
         for r in range(b0, b1):
             p = (e * R + r) * row_bytes
+            if n_src % 4 and row_bytes < PREFETCH_MAX_ROW_BYTES:
+                for k in range(0, row_bytes, 64):
+                    _prefetch(w, p + PREFETCH_ROWS * row_bytes + k)
             for i in range(n_src - n_src % 4, n_src):
                 s = src[i]
                 acc0, acc1 = _zero(), _zero()

@@ -164,3 +164,22 @@ def test_pairs_with_id_minus_one_are_skipped():
     kept = ids >= 0
     want = ref.moe_ffn(x, np.where(kept, ids, 0), np.where(kept, w, 0).astype(np.float32), ex)
     assert nse(y, want) < 5e-5 and not y[3].any()
+
+
+def test_a_layer_call_reads_its_buffers_anew_each_time():
+    """LayerCall: checked and allocated once, then each call sees what the buffers hold at that moment."""
+    rng = np.random.default_rng(5)
+    ex = experts_of(GGMLType.Q4_K, 256, 256, rng)
+    T, K = 3, 4
+    x, ids, w, out = np.zeros((T, 256), np.float32), np.zeros((T, K), np.int64), np.zeros((T, K), np.float32), \
+        np.zeros((T, 256), np.float32)
+    call = cpu.LayerCall(x, ids, w, ex, out)
+    for seed in range(3):
+        r = np.random.default_rng(seed)
+        x[:] = r.standard_normal((T, 256))
+        ids[:], w[:] = routing(T, K, r)
+        ids[0, 1] = -1                          # a pair computed elsewhere
+        assert call() is out
+        assert np.array_equal(out, cpu.moe_ffn(x.copy(), ids.copy(), w.copy(), ex))
+    with pytest.raises(ValueError, match="out must be"):
+        cpu.LayerCall(x, ids, w, ex, np.zeros((T, 255), np.float32))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dslocal.kernels.cpu.moe import moe_ffn
+from dslocal.kernels.cpu.moe import LayerCall, moe_ffn
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.offload.cpu_worker import ExpertWorker, default_threads
 from dslocal.quant.ggml import GGMLType
@@ -35,6 +35,22 @@ def test_results_equal_the_kernel_and_buffers_are_reused():
             y = worker.wait()
             assert y.shape == (T, 256) and y.dtype == torch.float32
             assert torch.equal(y, moe_ffn(x, ids, w, ex))   # same kernel, same per-row summation order
+
+
+def test_a_prepared_layer_call_runs_on_the_worker():
+    rng = np.random.default_rng(1)
+    ex = layer(rng)
+    x, ids, w = torch.randn(2, 256), torch.tensor([[0, 3, -1, 5], [7, 1, 2, 3]]), torch.rand(2, 4)
+    out = torch.empty(2, 256)
+    call = LayerCall(x, ids, w, ex, out)
+    with ExpertWorker(threads=1) as worker:
+        for _ in range(2):
+            x.copy_(torch.randn(2, 256))        # the call reads its buffers when it runs
+            worker.submit_call(call)
+            with pytest.raises(RuntimeError, match="twice"):
+                worker.submit_call(call)
+            y = worker.wait()
+            assert np.shares_memory(y, out.numpy()) and torch.equal(out, moe_ffn(x, ids, w, ex))
 
 
 def test_caller_thread_runs_while_the_layer_computes():
