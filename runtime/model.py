@@ -63,9 +63,16 @@ class Linear(nn.Linear):
 
 def fused(x: torch.Tensor) -> bool:
     """Inference on a CUDA device: the Triton kernels of kernels/gpu stand in for chains of small torch
-    kernels (a decode step launches ~3x fewer kernels). Training and CPU runs keep the torch code, which
-    those kernels are tested against."""
-    return x.is_cuda and not torch.is_grad_enabled()
+    kernels (a decode step launches ~2x fewer kernels). Training, evaluation under autocast (mixed dtypes
+    in one block) and CPU runs keep the torch code, which those kernels are tested against."""
+    return x.is_cuda and not torch.is_grad_enabled() and not _autocast_on()
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cuda")
+    except TypeError:           # torch before 2.4 takes no device and means CUDA
+        return torch.is_autocast_enabled()
 
 
 class RMSNorm(nn.Module):
