@@ -116,7 +116,7 @@ class OffloadedMoE(nn.Module):
         if fused(x):
             from dslocal.kernels.gpu.router import route
             cfg = r.cfg
-            return route(x.float() @ r.weight.t(), r.bias, cfg.n_expert_used, cfg.gating, cfg.n_group,
+            return route(r.logits(x), r.bias, cfg.n_expert_used, cfg.gating, cfg.n_group,
                          cfg.n_group_used, cfg.expert_weights_norm, cfg.expert_weights_scale, self.cpu_id,
                          self.counts)
         ids, w = r(x)

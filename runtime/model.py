@@ -242,10 +242,14 @@ class Router(nn.Module):
         ids, w, _ = self.route(x)
         return ids, w
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, D) -> router logits (M, E) fp32."""
+        return x.float() @ self.weight.float().t()
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (M, D) -> expert ids (M, K), weights (M, K), and every expert's affinity probs (M, E)."""
         cfg = self.cfg
-        logits = x.float() @ self.weight.float().t()                                   # (M, E)
+        logits = self.logits(x)                                                        # (M, E)
         probs = logits.sigmoid() if cfg.gating == GATING_SIGMOID else logits.softmax(dim=-1)
         sel = probs + self.bias
         if cfg.n_group > 1:

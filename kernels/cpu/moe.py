@@ -173,7 +173,7 @@ class LayerCall:
         s16, sd, ss = activation_shapes(T, D)
         h16, hd, hs = activation_shapes(P, F)
         self.ids, self.out = ids, out_n
-        self._weights = (xn, ids, wts, experts.gate, experts.up, experts.down,
+        self._inputs = (xn, ids, wts, experts.gate, experts.up, experts.down,
                          int(experts.gate_type), int(experts.up_type), int(experts.down_type))
         self._scratch = (LANES, np.empty(s16, np.int16), np.empty(sd, np.float32), np.empty(ss, np.int32),
                          np.empty((P, F), np.float32), np.empty(h16, np.int16), np.empty(hd, np.float32),
@@ -185,7 +185,7 @@ class LayerCall:
         if not _compiled:
             _compile_notice()
             _compiled = True
-        _moe_layer(*self._weights, numba.get_num_threads(), *self._scratch)
+        _moe_layer(*self._inputs, numba.get_num_threads(), *self._scratch)
         return self.out
 
 
