@@ -127,6 +127,19 @@ def _madd_ir(b, x, y):
     return b.add(lo, b.mul(b.sext(_pick(b, x, odd), _V8I), b.sext(_pick(b, y, odd), _V8I)))
 
 
+def _maddubs_ir(b, u, s):
+    """pmaddubsw: int16 lane i = u[2i] s[2i] + u[2i+1] s[2i+1] of the 32 bytes of u (unsigned) and s
+    (signed), summed with saturation; the operands are 16 int16 lanes holding 32 bytes."""
+    v32 = ir.VectorType(_i8, 32)
+    if _has("avx2"):
+        return _call(b, "llvm.x86.avx2.pmadd.ub.sw", _V16, [b.bitcast(u, v32), b.bitcast(s, v32)])
+    u, s = b.bitcast(u, v32), b.bitcast(s, v32)
+    even, odd = list(range(0, 32, 2)), list(range(1, 32, 2))
+    lo = b.mul(b.zext(_pick(b, u, even), _V16), b.sext(_pick(b, s, even), _V16))
+    hi = b.mul(b.zext(_pick(b, u, odd), _V16), b.sext(_pick(b, s, odd), _V16))
+    return _call(b, "llvm.sadd.sat.v16i16", _V16, [lo, hi])
+
+
 def _f16_ir(c, b, sig, w, i, times):
     """The fp16 at byte i of w times `times`, in 8 float32 lanes. The bits are broadcast first: a scalar
     conversion was inserted into whatever register LLVM chose, once the accumulator, and that false dependency
@@ -234,6 +247,8 @@ _bits = _op("_bits", I16, _bits_ir)
 # lanes [m0, m0, m1, m1, .., m7, m7] of _k4_scales: a min per 16 values, to pair with xs in one pmaddwd
 _mins16 = _op("_mins16", I16, lambda c, b, sig, v: _pick(b, v, [8 + g // 2 for g in range(16)]))
 
+_maddubs = _op("_maddubs", I16, lambda c, b, sig, u, s: _maddubs_ir(b, u, s))
+
 # int32 and float32 lanes
 _madd = _op("_madd", I32, lambda c, b, sig, x, y: _madd_ir(b, x, y))
 _dot = _op("_dot", I32, lambda c, b, sig, acc, x, y: b.add(acc, _madd_ir(b, x, y)))   # acc + pmaddwd(x, y)
@@ -274,6 +289,20 @@ def _q4_k_w(w, p, c):
 def _q4_k_end(acc, a, w, p, xs, s, v, xd):
     acc = _fma(acc, a, _f16(w, p, xd))
     return _fma(acc, _madd(_mins16(_k4_scales(w, p + 4)), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 2, -xd))
+
+
+@njit(inline="always")
+def _q4_k_block8(acc, w, p, x8, x, xs, s, v, xd):
+    """acc + the Q4_K block at byte p . values v.. of activation row s in 8 bits (x8 from flat index x):
+    each 32 bytes of nibbles are split by two ands and a shift, pmaddubsw multiplies the unsigned nibbles
+    by the signed activations (2 * 15 * 127 fits int16), pmaddwd applies the sub-block's scale."""
+    sc = _k4_scales(w, p + 4)
+    a = _zero_i32()
+    for k in range(4):
+        q = _i16x16(w, p + 16 + 32 * k)          # low nibbles: values 64k + l, high nibbles: 64k + 32 + l
+        a = _dot(a, _maddubs(_and(q, 0x0F0F), _i16x16(x8, x + 64 * k)), _lane(sc, 2 * k))
+        a = _dot(a, _maddubs(_and(_shr(q, 4), 0x0F0F), _i16x16(x8, x + 64 * k + 32)), _lane(sc, 2 * k + 1))
+    return _q4_k_end(acc, a, w, p, xs, s, v, xd)
 
 
 @njit(inline="always")

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from dslocal.kernels.cpu.rows import LANES, activation_shapes, quantize_row, rows_dot
+from dslocal.kernels.cpu.blocks import Q4_K
+from dslocal.kernels.cpu.rows import XMAX8, activation_shapes, quantize_row, rows_dot
 from dslocal.kernels.experts import ExpertTensors
 
 f32 = np.float32
 TOKEN_BLOCK = 64     # pairs per pass over a weight tile: their int16 activations stay in L2 while it is read
+GATE_UP_8BIT = True  # Q4_K gate / up projections of single tokens on 8-bit activations (rows.py, XMAX8)
 
 
 @njit(cache=True, nogil=True)
@@ -65,7 +67,7 @@ def _route(ids, wts, E):
 
 
 @njit(inline="always")
-def _gate_up_rows(tg, tu, gate, up, f0, f1, active, start, pair_tok, x16, xd, xs, x, h, lanes):
+def _gate_up_rows(tg, tu, gate, up, f0, f1, active, start, pair_tok, x16, xd, xs, x, h, x8q):
     """h[p, f0:f1] = silu(gate_e[f0:f1] . x[t]) * (up_e[f0:f1] . x[t]) for every pair p = (t, e)."""
     n_rows = f1 - f0
     res_g = np.empty((TOKEN_BLOCK, n_rows), np.float32)
@@ -76,8 +78,8 @@ def _gate_up_rows(tg, tu, gate, up, f0, f1, active, start, pair_tok, x16, xd, xs
             n = min(TOKEN_BLOCK, start[e + 1] - p0)
             for i in range(n):
                 src[i] = pair_tok[p0 + i]
-            rows_dot(tg, gate, e, f0, f1, src, n, x16, xd, xs, x, res_g, lanes)
-            rows_dot(tu, up, e, f0, f1, src, n, x16, xd, xs, x, res_u, lanes)
+            rows_dot(tg, gate, e, f0, f1, src, n, x16, xd, xs, x, res_g, x8q)
+            rows_dot(tu, up, e, f0, f1, src, n, x16, xd, xs, x, res_u, x8q)
             for i in range(n):
                 for j in range(n_rows):
                     g = res_g[i, j]
@@ -85,7 +87,7 @@ def _gate_up_rows(tg, tu, gate, up, f0, f1, active, start, pair_tok, x16, xd, xs
 
 
 @njit(inline="always")
-def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, lanes):
+def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, h8q):
     """out[:, d0:d1] = sum over pairs (t, e) of w * down_e[d0:d1] . h[p]."""
     n_rows = d1 - d0
     res = np.empty((TOKEN_BLOCK, n_rows), np.float32)
@@ -98,7 +100,7 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
             n = min(TOKEN_BLOCK, start[e + 1] - p0)
             for i in range(n):
                 src[i] = p0 + i
-            rows_dot(td, down, e, d0, d1, src, n, h16, hd, hs, h, res, lanes)
+            rows_dot(td, down, e, d0, d1, src, n, h16, hd, hs, h, res, h8q)
             for i in range(n):
                 t, wt = pair_tok[p0 + i], pair_w[p0 + i]
                 for j in range(n_rows):
@@ -106,23 +108,28 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_split, lanes, x16, xd, xs, h, h16, hd, hs, out):
-    """x (T, D) f32, ids (T, K) int64, wts (T, K) f32 -> out (T, D) f32; the rest is scratch (see moe_ffn)."""
+def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_split, x8q, x16, xd, xs, h, h16, hd, hs, out):
+    """x (T, D) f32, ids (T, K) int64, wts (T, K) f32 -> out (T, D) f32; the rest is scratch (see moe_ffn).
+    x8q: x in 8 bits for the gate / up projections (rows.py rows_dot), or arrays of no rows."""
     T = x.shape[0]
     E, F, D = gate.shape[0], gate.shape[1], down.shape[1]
     start, pair_tok, pair_w, active = _route(ids, wts, E)
+    x8, xd8, xs8 = x8q
+    h8q = (np.empty((0, F), np.int8), np.empty((0, 1), np.float32), np.empty((0, 1), np.int32))  # 11 bits
     for t in prange(T):
         quantize_row(x, t, x16, xd, xs)
+        if x8.shape[0]:
+            quantize_row(x, t, x8, xd8, xs8, XMAX8)
     for step in range(2):
         # one prange for both weight steps: Numba compiles each prange into a function of its own, and the
         # heavy kernels then once instead of twice (the first compile takes ~25 s less)
         for u in prange(n_split):
             if step == 0:
                 _gate_up_rows(tg, tu, gate, up, u * F // n_split, (u + 1) * F // n_split, active, start,
-                              pair_tok, x16, xd, xs, x, h, lanes)
+                              pair_tok, x16, xd, xs, x, h, x8q)
             else:
                 _down_rows(td, down, u * D // n_split, (u + 1) * D // n_split, active, start, pair_tok, pair_w,
-                           h16, hd, hs, h, out, lanes)
+                           h16, hd, hs, h, out, h8q)
         if step == 0:
             for p in prange(pair_tok.shape[0]):
                 quantize_row(h, p, h16, hd, hs)
@@ -175,7 +182,10 @@ class LayerCall:
         self.ids, self.out = ids, out_n
         self._inputs = (xn, ids, wts, experts.gate, experts.up, experts.down,
                          int(experts.gate_type), int(experts.up_type), int(experts.down_type))
-        self._scratch = (LANES, np.empty(s16, np.int16), np.empty(sd, np.float32), np.empty(ss, np.int32),
+        # x in 8 bits too where a gate / up projection is Q4_K (its one-token loop multiplies bytes)
+        n8 = T if GATE_UP_8BIT and Q4_K in (experts.gate_type, experts.up_type) else 0
+        x8q = (np.empty((n8, D), np.int8), np.empty((n8, sd[1]), np.float32), np.empty((n8, ss[1]), np.int32))
+        self._scratch = (x8q, np.empty(s16, np.int16), np.empty(sd, np.float32), np.empty(ss, np.int32),
                          np.empty((P, F), np.float32), np.empty(h16, np.int16), np.empty(hd, np.float32),
                          np.empty(hs, np.int32), out_n)
 

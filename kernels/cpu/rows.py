@@ -18,7 +18,7 @@ from numba import njit
 from dslocal.kernels.cpu.blocks import (BF16, F16, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
                                         _block1, _block4, _d_end, _dm_end, _hsum, _q2_k_end, _q2_k_w, _q3_k_end,
                                         _q3_k_w, _q4_0_w, _q4_1_w, _q4_k_end, _q4_k_w, _q5_0_w, _q5_1_w, _q5_k_end,
-                                        _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero)
+                                        _q4_k_block8, _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -29,6 +29,9 @@ GROUP = 16        # activation values per int32 sum
 # int16 (Q6_K: 63 * 128), a pmaddwd pair of those times 1023 and 16 of them per int32 lane fit int32, and a
 # group sum (16 * 1023) fits int16 (blocks.py loads xs as int16 lanes).
 XMAX = 1023
+# The input of the gate and up projections may also go in 8 bits (|q| <= 127, llama.cpp's Q8_K): Q4_K's
+# one-token loop then multiplies bytes (pmaddubsw), half the instructions per weight of the int16 path.
+XMAX8 = 127
 ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows stay in L2, the tile's activations
                    # (16 KB at 2048 values) in L1; rows outer, tokens inner read every token from L2 for every row
 # One-token rows shorter than PREFETCH_MAX_ROW_BYTES ask for the row PREFETCH_ROWS ahead while they compute.
@@ -37,7 +40,6 @@ ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows 
 # V3's 7168-value rows (4 KB in Q4_K) were ~18% slower with it, so long rows are left to the hardware.
 PREFETCH_ROWS = 2
 PREFETCH_MAX_ROW_BYTES = 2048
-LANES = 32        # no kernel reads it any more; rows_dot keeps the argument because moe.py passes it
 
 
 def activation_shapes(n: int, d: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -46,9 +48,10 @@ def activation_shapes(n: int, d: int) -> tuple[tuple[int, int], tuple[int, int],
 
 
 @njit(cache=True, nogil=True)
-def quantize_row(x, t, x16, xd, xs):
-    """Row t of x (N, D) f32 -> x16[t] (D,) 11-bit integers as int16, xd[t] (ceil(D/256),) scales,
-    xs[t] (D//16,) int32 group sums. Round to nearest; a non-finite block gets a NaN scale."""
+def quantize_row(x, t, x16, xd, xs, qmax=XMAX):
+    """Row t of x (N, D) f32 -> x16[t] (D,) integers of at most qmax (XMAX in int16, or XMAX8 in an
+    int8 x16), xd[t] (ceil(D/256),) scales, xs[t] (D//16,) int32 group sums. Round to nearest; a
+    non-finite block gets a NaN scale."""
     D = x.shape[1]
     for c in range(xd.shape[1]):
         o = QB * c
@@ -62,11 +65,11 @@ def quantize_row(x, t, x16, xd, xs):
             for l in range(n):
                 x16[t, o + l] = 0
             continue
-        d = amax / f32(XMAX)
+        d = amax / f32(qmax)
         inv = f32(1) / d if amax > 0 else f32(0)
         xd[t, c] = d
         for l in range(n):
-            x16[t, o + l] = i16(np.rint(x[t, o + l] * inv))
+            x16[t, o + l] = np.rint(x[t, o + l] * inv)
     for g in range(xs.shape[1]):
         s = i32(0)
         for l in range(GROUP):
@@ -75,15 +78,16 @@ def quantize_row(x, t, x16, xd, xs):
 
 
 @njit(cache=True, nogil=True)
-def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, lanes):
+def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
     """res[i, r - r0] = row r of expert e (of GGML type t) . activation row src[i], i < n_src, r0 <= r < r1.
 
     w: uint8 (E, R, row_bytes) raw GGUF blocks; src: int64 (>= n_src,) rows of x16 / xd / xs / xf;
     x16 int16 (N, D), xd f32 (N, ceil(D/256)), xs int32 (N, D/16), xf f32 (N, D); res f32 (>= n_src, >= r1-r0).
-    lanes: LANES, unused. One compiled kernel per type.
+    x8q: (x8 int8 (N, D), its xd, its xs) of the same rows in 8 bits (quantize_row with XMAX8), which
+    Q4_K's one-token loop then uses, or arrays of no rows. One compiled kernel per type.
     """
     if t == Q4_K:
-        _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
+        _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
     elif t == Q5_K:
         _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q6_K:
@@ -155,8 +159,33 @@ def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, 
 
 
 @njit(cache=True, nogil=True)
-def _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q4_k_w, _q4_k_end, 144, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+def _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    x8, xd8, xs8 = x8q
+    if x8.shape[0] == 0:
+        _rows(_q4_k_w, _q4_k_end, 144, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+        return
+    n4 = n_src - n_src % 4                      # tiles of four on the int16 path, the rest on bytes
+    _rows(_q4_k_w, _q4_k_end, 144, 256, w, e, r0, r1, src, n4, x16, xd, xs, res)
+    if n4 == n_src:
+        return
+    R, row_bytes, D = w.shape[1], w.shape[2], x8.shape[1]
+    n_blocks = row_bytes // 144
+    for r in range(r0, r1):
+        p = (e * R + r) * row_bytes
+        if row_bytes < PREFETCH_MAX_ROW_BYTES:
+            for k in range(0, row_bytes, 64):
+                _prefetch(w, p + PREFETCH_ROWS * row_bytes + k)
+        for i in range(n4, n_src):
+            s = src[i]
+            acc0, acc1 = _zero(), _zero()
+            for j in range(0, n_blocks - 1, 2):
+                acc0 = _q4_k_block8(acc0, w, p + 144 * j, x8, s * D + QB * j, xs8, s, QB * j, xd8[s, j])
+                acc1 = _q4_k_block8(acc1, w, p + 144 * (j + 1), x8, s * D + QB * (j + 1), xs8, s, QB * (j + 1),
+                                    xd8[s, j + 1])
+            if n_blocks % 2:
+                j = n_blocks - 1
+                acc0 = _q4_k_block8(acc0, w, p + 144 * j, x8, s * D + QB * j, xs8, s, QB * j, xd8[s, j])
+            res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
 
 
 @njit(cache=True, nogil=True)
