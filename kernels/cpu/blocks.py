@@ -170,6 +170,21 @@ def _lane_ir(c, b, sig, v, j):
     return b.bitcast(_call(b, "llvm.x86.avx2.pshuf.b", v32, [b.bitcast(half, v32), control]), v.type)
 
 
+def _lane_pair_ir(c, b, sig, v, j):
+    """Lanes 0..7 = lane j of v, lanes 8..15 = lane j + 1 (j even): the scales of two sub-blocks of 16 for
+    the 16 int16 lanes of a pmaddubsw over 32 values. With AVX2 one vpshufb of the half of v holding both."""
+    if not _has("avx2"):
+        lo = _splat(b, b.extract_element(v, j), v.type)
+        hi = _splat(b, b.extract_element(v, b.add(j, ir.Constant(j.type, 1))), v.type)
+        return b.shuffle_vector(lo, hi, _vec(ir.VectorType(_i32, 16), list(range(8)) + list(range(24, 32))))
+    v32 = ir.VectorType(_i8, 32)
+    half = b.select(b.icmp_signed(">=", j, ir.Constant(j.type, 8)), _pick(b, v, list(range(8, 16)) * 2),
+                    _pick(b, v, list(range(8)) * 2))
+    byte = b.trunc(b.shl(b.and_(j, ir.Constant(j.type, 7)), ir.Constant(j.type, 1)), _i8)
+    control = b.add(_splat(b, byte, v32), _vec(v32, [0, 1] * 8 + [2, 3] * 8))
+    return b.bitcast(_call(b, "llvm.x86.avx2.pshuf.b", v32, [b.bitcast(half, v32), control]), v.type)
+
+
 def _bits_ir(c, b, sig, qh, shift, on, off):
     """Lane l = on where bit shift + l of the uint32 qh is set, else off (the fifth bits of Q5_0 / Q5_1)."""
     h = _splat(b, b.trunc(b.lshr(qh, b.trunc(shift, _i32)), _i16), _V16)
@@ -243,6 +258,7 @@ _add = _op("_add", I16, lambda c, b, sig, x, y: b.add(x, y))
 _mul = _op("_mul", I16, lambda c, b, sig, x, y: b.mul(x, y))
 _fill = _op("_fill", I16, lambda c, b, sig, k: _splat(b, _as_i16(b, k), _V16))
 _lane = _op("_lane", I16, _lane_ir)
+_lane_pair = _op("_lane_pair", I16, _lane_pair_ir)
 _bits = _op("_bits", I16, _bits_ir)
 # lanes [m0, m0, m1, m1, .., m7, m7] of _k4_scales: a min per 16 values, to pair with xs in one pmaddwd
 _mins16 = _op("_mins16", I16, lambda c, b, sig, v: _pick(b, v, [8 + g // 2 for g in range(16)]))
@@ -289,20 +305,6 @@ def _q4_k_w(w, p, c):
 def _q4_k_end(acc, a, w, p, xs, s, v, xd):
     acc = _fma(acc, a, _f16(w, p, xd))
     return _fma(acc, _madd(_mins16(_k4_scales(w, p + 4)), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 2, -xd))
-
-
-@njit(inline="always")
-def _q4_k_block8(acc, w, p, x8, x, xs, s, v, xd):
-    """acc + the Q4_K block at byte p . values v.. of activation row s in 8 bits (x8 from flat index x):
-    each 32 bytes of nibbles are split by two ands and a shift, pmaddubsw multiplies the unsigned nibbles
-    by the signed activations (2 * 15 * 127 fits int16), pmaddwd applies the sub-block's scale."""
-    sc = _k4_scales(w, p + 4)
-    a = _zero_i32()
-    for k in range(4):
-        q = _i16x16(w, p + 16 + 32 * k)          # low nibbles: values 64k + l, high nibbles: 64k + 32 + l
-        a = _dot(a, _maddubs(_and(q, 0x0F0F), _i16x16(x8, x + 64 * k)), _lane(sc, 2 * k))
-        a = _dot(a, _maddubs(_and(_shr(q, 4), 0x0F0F), _i16x16(x8, x + 64 * k + 32)), _lane(sc, 2 * k + 1))
-    return _q4_k_end(acc, a, w, p, xs, s, v, xd)
 
 
 @njit(inline="always")
@@ -363,6 +365,75 @@ def _q3_k_w(w, p, c):
 def _q3_k_end(acc, a, w, p, xs, s, v, xd):
     acc = _fma(acc, a, _f16(w, p + 108, xd))
     return _fma(acc, _madd(_q3_scales(w, p + 96), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 108, f32(-4) * xd))
+
+
+# --- the same blocks on 8-bit activations (single tokens of the gate / up projections) ----------------------
+# `_<type>_dot8(w, p, x8, x)`: the int32 lanes of sum_l sc_l q_l x8_l over the block at byte p and the 256
+# int8 activations from flat index x of x8, with q the unsigned quants (the type's offset or min is in
+# its `_end`, from the activation sums). 32 values at a time: the quants as bytes in 16 int16 lanes (masks
+# keep the int16 shifts inside each byte), pmaddubsw multiplies them by the activations (at most
+# 2 * 63 * 127, no saturation) into one int16 per pair, pmaddwd by the sub-block scales into int32.
+
+@njit(inline="always")
+def _q4_k_dot8(w, p, x8, x):
+    sc = _k4_scales(w, p + 4)
+    a = _zero_i32()
+    for k in range(4):
+        q = _i16x16(w, p + 16 + 32 * k)          # low nibbles: values 64k + l, high nibbles: 64k + 32 + l
+        a = _dot(a, _maddubs(_and(q, 0x0F0F), _i16x16(x8, x + 64 * k)), _lane(sc, 2 * k))
+        a = _dot(a, _maddubs(_and(_shr(q, 4), 0x0F0F), _i16x16(x8, x + 64 * k + 32)), _lane(sc, 2 * k + 1))
+    return a
+
+
+@njit(inline="always")
+def _q5_k_dot8(w, p, x8, x):
+    sc = _k4_scales(w, p + 4)
+    qh = _i16x16(w, p + 16)
+    a = _zero_i32()
+    for k in range(4):
+        q = _i16x16(w, p + 48 + 32 * k)
+        for hi in range(2):
+            u = _or(_and(_shr(q, 4 * hi), 0x0F0F), _shl(_and(_shr(qh, 2 * k + hi), 0x0101), 4))
+            a = _dot(a, _maddubs(u, _i16x16(x8, x + 64 * k + 32 * hi)), _lane(sc, 2 * k + hi))
+    return a
+
+
+@njit(inline="always")
+def _q6_k_dot8(w, p, x8, x):
+    sc = _i8x16(w, p + 192)
+    a = _zero_i32()
+    for h in range(2):
+        qh = _i16x16(w, p + 128 + 32 * h)
+        for k in range(4):
+            lo = _and(_shr(_i16x16(w, p + 64 * h + 32 * (k & 1)), 4 * (k >> 1)), 0x0F0F)
+            u = _or(lo, _shl(_and(_shr(qh, 2 * k), 0x0303), 4))
+            a = _dot(a, _maddubs(u, _i16x16(x8, x + 128 * h + 32 * k)), _lane_pair(sc, 8 * h + 2 * k))
+    return a
+
+
+@njit(inline="always")
+def _q2_k_dot8(w, p, x8, x):
+    sc = _and(_u8x16(w, p), 15)
+    a = _zero_i32()
+    for h in range(2):
+        q = _i16x16(w, p + 16 + 32 * h)
+        for k in range(4):
+            a = _dot(a, _maddubs(_and(_shr(q, 2 * k), 0x0303), _i16x16(x8, x + 128 * h + 32 * k)),
+                     _lane_pair(sc, 8 * h + 2 * k))
+    return a
+
+
+@njit(inline="always")
+def _q3_k_dot8(w, p, x8, x):
+    sc = _q3_scales(w, p + 96)
+    hm = _i16x16(w, p)
+    a = _zero_i32()
+    for h in range(2):
+        q = _i16x16(w, p + 32 + 32 * h)
+        for k in range(4):
+            u = _or(_and(_shr(q, 2 * k), 0x0303), _shl(_and(_shr(hm, 4 * h + k), 0x0101), 2))
+            a = _dot(a, _maddubs(u, _i16x16(x8, x + 128 * h + 32 * k)), _lane_pair(sc, 8 * h + 2 * k))
+    return a
 
 
 @njit(inline="always")

@@ -18,7 +18,8 @@ from numba import njit
 from dslocal.kernels.cpu.blocks import (BF16, F16, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
                                         _block1, _block4, _d_end, _dm_end, _hsum, _q2_k_end, _q2_k_w, _q3_k_end,
                                         _q3_k_w, _q4_0_w, _q4_1_w, _q4_k_end, _q4_k_w, _q5_0_w, _q5_1_w, _q5_k_end,
-                                        _q4_k_block8, _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero)
+                                        _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero,
+                                        _q2_k_dot8, _q3_k_dot8, _q4_k_dot8, _q5_k_dot8, _q6_k_dot8)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -29,9 +30,10 @@ GROUP = 16        # activation values per int32 sum
 # int16 (Q6_K: 63 * 128), a pmaddwd pair of those times 1023 and 16 of them per int32 lane fit int32, and a
 # group sum (16 * 1023) fits int16 (blocks.py loads xs as int16 lanes).
 XMAX = 1023
-# The input of the gate and up projections may also go in 8 bits (|q| <= 127, llama.cpp's Q8_K): Q4_K's
-# one-token loop then multiplies bytes (pmaddubsw), half the instructions per weight of the int16 path.
+# The input of the gate and up projections may also go in 8 bits (|q| <= 127, llama.cpp's Q8_K): the
+# K-quants' one-token loops then multiply bytes (pmaddubsw), about half the instructions per weight.
 XMAX8 = 127
+BYTE_DOT = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)   # the types whose single tokens can take x in 8 bits
 ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows stay in L2, the tile's activations
                    # (16 KB at 2048 values) in L1; rows outer, tokens inner read every token from L2 for every row
 # One-token rows shorter than PREFETCH_MAX_ROW_BYTES ask for the row PREFETCH_ROWS ahead while they compute.
@@ -84,18 +86,18 @@ def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
     w: uint8 (E, R, row_bytes) raw GGUF blocks; src: int64 (>= n_src,) rows of x16 / xd / xs / xf;
     x16 int16 (N, D), xd f32 (N, ceil(D/256)), xs int32 (N, D/16), xf f32 (N, D); res f32 (>= n_src, >= r1-r0).
     x8q: (x8 int8 (N, D), its xd, its xs) of the same rows in 8 bits (quantize_row with XMAX8), which
-    Q4_K's one-token loop then uses, or arrays of no rows. One compiled kernel per type.
+    the one-token loops of the BYTE_DOT types then use, or arrays of no rows. One compiled kernel per type.
     """
     if t == Q4_K:
         _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
     elif t == Q5_K:
-        _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
+        _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
     elif t == Q6_K:
-        _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
+        _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
     elif t == Q2_K:
-        _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
+        _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
     elif t == Q3_K:
-        _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res)
+        _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
     elif t == Q8_0:
         _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     elif t == Q4_0:
@@ -158,54 +160,59 @@ def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, 
                 res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
 
 
-@njit(cache=True, nogil=True)
-def _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+@njit(inline="always")
+def _rows_k(chunk, end, dot8, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    """A K-quant's rows: tiles of four on the int16 path (_rows), the tokens left over on x in 8 bits when
+    x8q has rows (dot8: blocks.py `_<type>_dot8`), else on the int16 path too."""
     x8, xd8, xs8 = x8q
-    if x8.shape[0] == 0:
-        _rows(_q4_k_w, _q4_k_end, 144, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
-        return
-    n4 = n_src - n_src % 4                      # tiles of four on the int16 path, the rest on bytes
-    _rows(_q4_k_w, _q4_k_end, 144, 256, w, e, r0, r1, src, n4, x16, xd, xs, res)
+    n4 = n_src - n_src % 4 if x8.shape[0] else n_src
+    _rows(chunk, end, n_bytes, 256, w, e, r0, r1, src, n4, x16, xd, xs, res)
     if n4 == n_src:
         return
     R, row_bytes, D = w.shape[1], w.shape[2], x8.shape[1]
-    n_blocks = row_bytes // 144
+    n_blocks = row_bytes // n_bytes
     for r in range(r0, r1):
         p = (e * R + r) * row_bytes
         if row_bytes < PREFETCH_MAX_ROW_BYTES:
             for k in range(0, row_bytes, 64):
                 _prefetch(w, p + PREFETCH_ROWS * row_bytes + k)
         for i in range(n4, n_src):
-            s = src[i]
-            acc0, acc1 = _zero(), _zero()
-            for j in range(0, n_blocks - 1, 2):
-                acc0 = _q4_k_block8(acc0, w, p + 144 * j, x8, s * D + QB * j, xs8, s, QB * j, xd8[s, j])
-                acc1 = _q4_k_block8(acc1, w, p + 144 * (j + 1), x8, s * D + QB * (j + 1), xs8, s, QB * (j + 1),
-                                    xd8[s, j + 1])
+            s, acc0, acc1 = src[i], _zero(), _zero()
+            for j in range(0, n_blocks - 1, 2):     # even and odd blocks into two accumulators, as in _rows
+                acc0 = end(acc0, dot8(w, p + n_bytes * j, x8, s * D + QB * j), w, p + n_bytes * j, xs8, s, QB * j,
+                           xd8[s, j])
+                q = p + n_bytes * (j + 1)
+                acc1 = end(acc1, dot8(w, q, x8, s * D + QB * (j + 1)), w, q, xs8, s, QB * (j + 1), xd8[s, j + 1])
             if n_blocks % 2:
                 j = n_blocks - 1
-                acc0 = _q4_k_block8(acc0, w, p + 144 * j, x8, s * D + QB * j, xs8, s, QB * j, xd8[s, j])
+                acc0 = end(acc0, dot8(w, p + n_bytes * j, x8, s * D + QB * j), w, p + n_bytes * j, xs8, s, QB * j,
+                           xd8[s, j])
             res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
 
 
 @njit(cache=True, nogil=True)
-def _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q5_k_w, _q5_k_end, 176, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+def _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    _rows_k(_q4_k_w, _q4_k_end, _q4_k_dot8, 144, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
-def _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q6_k_w, _q6_k_end, 210, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+def _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    _rows_k(_q5_k_w, _q5_k_end, _q5_k_dot8, 176, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
-def _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q2_k_w, _q2_k_end, 84, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+def _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    _rows_k(_q6_k_w, _q6_k_end, _q6_k_dot8, 210, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
-def _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q3_k_w, _q3_k_end, 110, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+def _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    _rows_k(_q2_k_w, _q2_k_end, _q2_k_dot8, 84, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+
+
+@njit(cache=True, nogil=True)
+def _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    _rows_k(_q3_k_w, _q3_k_end, _q3_k_dot8, 110, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
