@@ -367,73 +367,64 @@ def _q3_k_end(acc, a, w, p, xs, s, v, xd):
     return _fma(acc, _madd(_q3_scales(w, p + 96), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 108, f32(-4) * xd))
 
 
-# --- the same blocks on 8-bit activations (single tokens of the gate / up projections) ----------------------
-# `_<type>_dot8(w, p, x8, x)`: the int32 lanes of sum_l sc_l q_l x8_l over the block at byte p and the 256
-# int8 activations from flat index x of x8, with q the unsigned quants (the type's offset or min is in
-# its `_end`, from the activation sums). 32 values at a time: the quants as bytes in 16 int16 lanes (masks
-# keep the int16 shifts inside each byte), pmaddubsw multiplies them by the activations (at most
-# 2 * 63 * 127, no saturation) into one int16 per pair, pmaddwd by the sub-block scales into int32.
+# --- the same blocks on 8-bit activations (the gate / up projections) ---------------------------------------
+# A K-quant is two more functions over its 8 chunks of 32 values (value 32c + l, l < 32): `_<type>_u8(w, p, c)`,
+# the unsigned quants as 32 bytes in 16 int16 lanes (masks keep the int16 shifts inside each byte), and
+# `_<type>_m8(w, p, c)`, the int16 multipliers of the 16 lanes that pmaddubsw makes of them (the sub-block
+# scale, or the scales of two sub-blocks of 16). pmaddubsw multiplies the quants by the int8 activations and
+# adds pairs (at most 2 * 63 * 127, no saturation); pmaddwd by the multipliers gives int32 lanes of
+# sum_l sc_l q_l x8_l. The type's offset or min comes in its `_end`, from the 8-bit activation sums.
 
 @njit(inline="always")
-def _q4_k_dot8(w, p, x8, x):
-    sc = _k4_scales(w, p + 4)
-    a = _zero_i32()
-    for k in range(4):
-        q = _i16x16(w, p + 16 + 32 * k)          # low nibbles: values 64k + l, high nibbles: 64k + 32 + l
-        a = _dot(a, _maddubs(_and(q, 0x0F0F), _i16x16(x8, x + 64 * k)), _lane(sc, 2 * k))
-        a = _dot(a, _maddubs(_and(_shr(q, 4), 0x0F0F), _i16x16(x8, x + 64 * k + 32)), _lane(sc, 2 * k + 1))
-    return a
+def _q4_k_u8(w, p, c):
+    return _and(_shr(_i16x16(w, p + 16 + 32 * (c >> 1)), 4 * (c & 1)), 0x0F0F)   # lo nibbles, then hi
 
 
 @njit(inline="always")
-def _q5_k_dot8(w, p, x8, x):
-    sc = _k4_scales(w, p + 4)
-    qh = _i16x16(w, p + 16)
-    a = _zero_i32()
-    for k in range(4):
-        q = _i16x16(w, p + 48 + 32 * k)
-        for hi in range(2):
-            u = _or(_and(_shr(q, 4 * hi), 0x0F0F), _shl(_and(_shr(qh, 2 * k + hi), 0x0101), 4))
-            a = _dot(a, _maddubs(u, _i16x16(x8, x + 64 * k + 32 * hi)), _lane(sc, 2 * k + hi))
-    return a
+def _q4_k_m8(w, p, c):
+    return _lane(_k4_scales(w, p + 4), c)
 
 
 @njit(inline="always")
-def _q6_k_dot8(w, p, x8, x):
-    sc = _i8x16(w, p + 192)
-    a = _zero_i32()
-    for h in range(2):
-        qh = _i16x16(w, p + 128 + 32 * h)
-        for k in range(4):
-            lo = _and(_shr(_i16x16(w, p + 64 * h + 32 * (k & 1)), 4 * (k >> 1)), 0x0F0F)
-            u = _or(lo, _shl(_and(_shr(qh, 2 * k), 0x0303), 4))
-            a = _dot(a, _maddubs(u, _i16x16(x8, x + 128 * h + 32 * k)), _lane_pair(sc, 8 * h + 2 * k))
-    return a
+def _q5_k_u8(w, p, c):
+    hi = _shl(_and(_shr(_i16x16(w, p + 16), c), 0x0101), 4)                       # bit c of qh[l]
+    return _or(_and(_shr(_i16x16(w, p + 48 + 32 * (c >> 1)), 4 * (c & 1)), 0x0F0F), hi)
+
+
+_q5_k_m8 = _q4_k_m8
 
 
 @njit(inline="always")
-def _q2_k_dot8(w, p, x8, x):
-    sc = _and(_u8x16(w, p), 15)
-    a = _zero_i32()
-    for h in range(2):
-        q = _i16x16(w, p + 16 + 32 * h)
-        for k in range(4):
-            a = _dot(a, _maddubs(_and(_shr(q, 2 * k), 0x0303), _i16x16(x8, x + 128 * h + 32 * k)),
-                     _lane_pair(sc, 8 * h + 2 * k))
-    return a
+def _q6_k_u8(w, p, c):
+    h, k = c >> 2, c & 3
+    lo = _and(_shr(_i16x16(w, p + 64 * h + 32 * (k & 1)), 4 * (k >> 1)), 0x0F0F)
+    return _or(lo, _shl(_and(_shr(_i16x16(w, p + 128 + 32 * h), 2 * k), 0x0303), 4))
 
 
 @njit(inline="always")
-def _q3_k_dot8(w, p, x8, x):
-    sc = _q3_scales(w, p + 96)
-    hm = _i16x16(w, p)
-    a = _zero_i32()
-    for h in range(2):
-        q = _i16x16(w, p + 32 + 32 * h)
-        for k in range(4):
-            u = _or(_and(_shr(q, 2 * k), 0x0303), _shl(_and(_shr(hm, 4 * h + k), 0x0101), 2))
-            a = _dot(a, _maddubs(u, _i16x16(x8, x + 128 * h + 32 * k)), _lane_pair(sc, 8 * h + 2 * k))
-    return a
+def _q6_k_m8(w, p, c):
+    return _lane_pair(_i8x16(w, p + 192), 2 * c)
+
+
+@njit(inline="always")
+def _q2_k_u8(w, p, c):
+    return _and(_shr(_i16x16(w, p + 16 + 32 * (c >> 2)), 2 * (c & 3)), 0x0303)
+
+
+@njit(inline="always")
+def _q2_k_m8(w, p, c):
+    return _lane_pair(_and(_u8x16(w, p), 15), 2 * c)
+
+
+@njit(inline="always")
+def _q3_k_u8(w, p, c):
+    q = _and(_shr(_i16x16(w, p + 32 + 32 * (c >> 2)), 2 * (c & 3)), 0x0303)
+    return _or(q, _shl(_and(_shr(_i16x16(w, p), c), 0x0101), 2))                  # +4 where hmask bit c is set
+
+
+@njit(inline="always")
+def _q3_k_m8(w, p, c):
+    return _lane_pair(_q3_scales(w, p + 96), 2 * c)
 
 
 @njit(inline="always")
@@ -518,5 +509,34 @@ def _block4(chunk, end, n, acc0, acc1, acc2, acc3, w, p, x16, xs, s0, s1, s2, s3
         else:
             b0, b1 = _dot(b0, q, _i16x16(x16, x0 + o)), _dot(b1, q, _i16x16(x16, x1 + o))
             b2, b3 = _dot(b2, q, _i16x16(x16, x2 + o)), _dot(b3, q, _i16x16(x16, x3 + o))
+    return (end(acc0, _sum(a0, b0), w, p, xs, s0, v, xd0), end(acc1, _sum(a1, b1), w, p, xs, s1, v, xd1),
+            end(acc2, _sum(a2, b2), w, p, xs, s2, v, xd2), end(acc3, _sum(a3, b3), w, p, xs, s3, v, xd3))
+
+
+@njit(inline="always")
+def _block1_8(u8, m8, end, acc, w, p, x8, xs, s, v, xd):
+    """acc + the K-quant block at byte p . values v.. of activation row s in 8 bits (see the `_u8` types)."""
+    x = s * x8.shape[1] + v
+    a = _zero_i32()
+    for c in range(8):
+        a = _dot(a, _maddubs(u8(w, p, c), _i16x16(x8, x + 32 * c)), m8(w, p, c))
+    return end(acc, a, w, p, xs, s, v, xd)
+
+
+@njit(inline="always")
+def _block4_8(u8, m8, end, acc0, acc1, acc2, acc3, w, p, x8, xs, s0, s1, s2, s3, v, xd0, xd1, xd2, xd3):
+    """_block1_8 for rows s0..s3, each chunk's bytes and multipliers made once; even and odd chunks in two
+    int32 sums per token (eight chains of pmaddwd, as in _block4)."""
+    D = x8.shape[1]
+    x0, x1, x2, x3 = s0 * D + v, s1 * D + v, s2 * D + v, s3 * D + v
+    a0, a1, a2, a3 = _zero_i32(), _zero_i32(), _zero_i32(), _zero_i32()
+    b0, b1, b2, b3 = _zero_i32(), _zero_i32(), _zero_i32(), _zero_i32()
+    for k in range(4):
+        q, m, o = u8(w, p, 2 * k), m8(w, p, 2 * k), 64 * k
+        a0, a1 = _dot(a0, _maddubs(q, _i16x16(x8, x0 + o)), m), _dot(a1, _maddubs(q, _i16x16(x8, x1 + o)), m)
+        a2, a3 = _dot(a2, _maddubs(q, _i16x16(x8, x2 + o)), m), _dot(a3, _maddubs(q, _i16x16(x8, x3 + o)), m)
+        q, m, o = u8(w, p, 2 * k + 1), m8(w, p, 2 * k + 1), 64 * k + 32
+        b0, b1 = _dot(b0, _maddubs(q, _i16x16(x8, x0 + o)), m), _dot(b1, _maddubs(q, _i16x16(x8, x1 + o)), m)
+        b2, b3 = _dot(b2, _maddubs(q, _i16x16(x8, x2 + o)), m), _dot(b3, _maddubs(q, _i16x16(x8, x3 + o)), m)
     return (end(acc0, _sum(a0, b0), w, p, xs, s0, v, xd0), end(acc1, _sum(a1, b1), w, p, xs, s1, v, xd1),
             end(acc2, _sum(a2, b2), w, p, xs, s2, v, xd2), end(acc3, _sum(a3, b3), w, p, xs, s3, v, xd3))

@@ -28,7 +28,7 @@ from dslocal.kernels.experts import ExpertTensors
 
 f32 = np.float32
 TOKEN_BLOCK = 64     # pairs per pass over a weight tile: their int16 activations stay in L2 while it is read
-GATE_UP_8BIT = True  # K-quant gate / up projections of single tokens on 8-bit activations (rows.py, XMAX8)
+GATE_UP_8BIT = True  # K-quant gate / up projections on 8-bit activations (rows.py, XMAX8)
 
 
 @njit(cache=True, nogil=True)
@@ -181,7 +181,7 @@ class LayerCall:
         self.ids, self.out = ids, out_n
         self._inputs = (xn, ids, wts, experts.gate, experts.up, experts.down,
                          int(experts.gate_type), int(experts.up_type), int(experts.down_type))
-        # x in 8 bits too where a gate / up projection is a K-quant (its one-token loop multiplies bytes)
+        # x in 8 bits too where a gate / up projection is a K-quant (its loops multiply bytes)
         n8 = T if GATE_UP_8BIT and (experts.gate_type in BYTE_DOT or experts.up_type in BYTE_DOT) else 0
         x8q = (np.empty((n8, D), np.int8), np.empty((n8, sd[1]), np.float32), np.empty((n8, ss[1]), np.int32))
         self._scratch = (x8q, np.empty(s16, np.int16), np.empty(sd, np.float32), np.empty(ss, np.int32),

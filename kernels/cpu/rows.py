@@ -19,7 +19,8 @@ from dslocal.kernels.cpu.blocks import (BF16, F16, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K,
                                         _block1, _block4, _d_end, _dm_end, _hsum, _q2_k_end, _q2_k_w, _q3_k_end,
                                         _q3_k_w, _q4_0_w, _q4_1_w, _q4_k_end, _q4_k_w, _q5_0_w, _q5_1_w, _q5_k_end,
                                         _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero,
-                                        _q2_k_dot8, _q3_k_dot8, _q4_k_dot8, _q5_k_dot8, _q6_k_dot8)
+                                        _block1_8, _block4_8, _q2_k_m8, _q2_k_u8, _q3_k_m8, _q3_k_u8, _q4_k_m8,
+                                        _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -31,9 +32,9 @@ GROUP = 16        # activation values per int32 sum
 # group sum (16 * 1023) fits int16 (blocks.py loads xs as int16 lanes).
 XMAX = 1023
 # The input of the gate and up projections may also go in 8 bits (|q| <= 127, llama.cpp's Q8_K): the
-# K-quants' one-token loops then multiply bytes (pmaddubsw), about half the instructions per weight.
+# K-quants then multiply bytes (pmaddubsw), single tokens and tiles of four alike: fewer instructions per weight.
 XMAX8 = 127
-BYTE_DOT = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)   # the types whose single tokens can take x in 8 bits
+BYTE_DOT = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)   # the types that can take x in 8 bits
 ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows stay in L2, the tile's activations
                    # (16 KB at 2048 values) in L1; rows outer, tokens inner read every token from L2 for every row
 # One-token rows shorter than PREFETCH_MAX_ROW_BYTES ask for the row PREFETCH_ROWS ahead while they compute.
@@ -86,7 +87,7 @@ def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
     w: uint8 (E, R, row_bytes) raw GGUF blocks; src: int64 (>= n_src,) rows of x16 / xd / xs / xf;
     x16 int16 (N, D), xd f32 (N, ceil(D/256)), xs int32 (N, D/16), xf f32 (N, D); res f32 (>= n_src, >= r1-r0).
     x8q: (x8 int8 (N, D), its xd, its xs) of the same rows in 8 bits (quantize_row with XMAX8), which
-    the one-token loops of the BYTE_DOT types then use, or arrays of no rows. One compiled kernel per type.
+    the BYTE_DOT types then use instead of x16, or arrays of no rows. One compiled kernel per type.
     """
     if t == Q4_K:
         _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
@@ -161,58 +162,75 @@ def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, 
 
 
 @njit(inline="always")
-def _rows_k(chunk, end, dot8, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    """A K-quant's rows: tiles of four on the int16 path (_rows), the tokens left over on x in 8 bits when
-    x8q has rows (dot8: blocks.py `_<type>_dot8`), else on the int16 path too."""
-    x8, xd8, xs8 = x8q
-    n4 = n_src - n_src % 4 if x8.shape[0] else n_src
-    _rows(chunk, end, n_bytes, 256, w, e, r0, r1, src, n4, x16, xd, xs, res)
-    if n4 == n_src:
-        return
-    R, row_bytes, D = w.shape[1], w.shape[2], x8.shape[1]
+def _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, res):
+    """_rows for a K-quant on activations in 8 bits (blocks.py `_block4_8` / `_block1_8`)."""
+    R, row_bytes = w.shape[1], w.shape[2]
     n_blocks = row_bytes // n_bytes
-    for r in range(r0, r1):
-        p = (e * R + r) * row_bytes
-        if row_bytes < PREFETCH_MAX_ROW_BYTES:
-            for k in range(0, row_bytes, 64):
-                _prefetch(w, p + PREFETCH_ROWS * row_bytes + k)
-        for i in range(n4, n_src):
-            s, acc0, acc1 = src[i], _zero(), _zero()
-            for j in range(0, n_blocks - 1, 2):     # even and odd blocks into two accumulators, as in _rows
-                acc0 = end(acc0, dot8(w, p + n_bytes * j, x8, s * D + QB * j), w, p + n_bytes * j, xs8, s, QB * j,
-                           xd8[s, j])
-                q = p + n_bytes * (j + 1)
-                acc1 = end(acc1, dot8(w, q, x8, s * D + QB * (j + 1)), w, q, xs8, s, QB * (j + 1), xd8[s, j + 1])
-            if n_blocks % 2:
-                j = n_blocks - 1
-                acc0 = end(acc0, dot8(w, p + n_bytes * j, x8, s * D + QB * j), w, p + n_bytes * j, xs8, s, QB * j,
-                           xd8[s, j])
-            res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
+    for b0 in range(r0, r1, ROW_BLOCK):
+        b1 = min(b0 + ROW_BLOCK, r1)
+        i = 0
+        while i + 4 <= n_src:
+            s0, s1, s2, s3 = src[i], src[i + 1], src[i + 2], src[i + 3]
+            for r in range(b0, b1):
+                p = (e * R + r) * row_bytes
+                acc0, acc1, acc2, acc3 = _zero(), _zero(), _zero(), _zero()
+                for j in range(n_blocks):
+                    acc0, acc1, acc2, acc3 = _block4_8(u8, m8, end, acc0, acc1, acc2, acc3, w, p + n_bytes * j, x8,
+                                                       xs, s0, s1, s2, s3, QB * j, xd[s0, j], xd[s1, j], xd[s2, j],
+                                                       xd[s3, j])
+                res[i, r - r0], res[i + 1, r - r0] = _hsum(acc0), _hsum(acc1)
+                res[i + 2, r - r0], res[i + 3, r - r0] = _hsum(acc2), _hsum(acc3)
+            i += 4
+        for r in range(b0, b1):
+            p = (e * R + r) * row_bytes
+            if n_src % 4 and row_bytes < PREFETCH_MAX_ROW_BYTES:
+                for k in range(0, row_bytes, 64):
+                    _prefetch(w, p + PREFETCH_ROWS * row_bytes + k)
+            for i in range(n_src - n_src % 4, n_src):
+                s, acc0, acc1 = src[i], _zero(), _zero()
+                for j in range(0, n_blocks - 1, 2):     # even and odd blocks into two accumulators, as in _rows
+                    acc0 = _block1_8(u8, m8, end, acc0, w, p + n_bytes * j, x8, xs, s, QB * j, xd[s, j])
+                    acc1 = _block1_8(u8, m8, end, acc1, w, p + n_bytes * (j + 1), x8, xs, s, QB * (j + 1),
+                                     xd[s, j + 1])
+                if n_blocks % 2:
+                    j = n_blocks - 1
+                    acc0 = _block1_8(u8, m8, end, acc0, w, p + n_bytes * j, x8, xs, s, QB * j, xd[s, j])
+                res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
+
+
+@njit(inline="always")
+def _rows_k(chunk, end, u8, m8, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    """A K-quant's rows on x in 8 bits when x8q has rows, else on the int16 path."""
+    x8, xd8, xs8 = x8q
+    if x8.shape[0]:
+        _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd8, xs8, res)
+    else:
+        _rows(chunk, end, n_bytes, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q4_k_w, _q4_k_end, _q4_k_dot8, 144, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q4_k_w, _q4_k_end, _q4_k_u8, _q4_k_m8, 144, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q5_k_w, _q5_k_end, _q5_k_dot8, 176, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q5_k_w, _q5_k_end, _q5_k_u8, _q5_k_m8, 176, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q6_k_w, _q6_k_end, _q6_k_dot8, 210, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q6_k_w, _q6_k_end, _q6_k_u8, _q6_k_m8, 210, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q2_k_w, _q2_k_end, _q2_k_dot8, 84, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q2_k_w, _q2_k_end, _q2_k_u8, _q2_k_m8, 84, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q3_k_w, _q3_k_end, _q3_k_dot8, 110, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q3_k_w, _q3_k_end, _q3_k_u8, _q3_k_m8, 110, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
