@@ -86,13 +86,14 @@ class OffloadedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                            # (M, D)
-        ids, w, cpu_ids = self._route(x)                                        # (M, K), on x's device
+        xf = x.float()             # the router's and the CPU experts' input, converted once
+        ids, w, cpu_ids = self._route(xf)                                       # (M, K), on x's device
         stream = self.n_cpu and self.streamer is not None and x.shape[0] >= STREAM_MIN_TOKENS
         overlap = self.n_cpu and self.worker is not None and not stream
         if overlap and self.graph_step is not None:
-            return self._forward_in_graph_step(x, ids, w, cpu_ids).view(shape)
+            return self._forward_in_graph_step(x, xf, ids, w, cpu_ids).view(shape)
         if overlap:
-            self.worker.submit(x, cpu_ids, w, self.experts)                    # returns at once
+            self.worker.submit(xf, cpu_ids, w, self.experts)                   # returns at once
         try:
             y = self._gpu_part(x, ids, w)
         except BaseException:           # Ctrl-C or an error: collect the CPU job so the next step can start
@@ -103,7 +104,7 @@ class OffloadedMoE(nn.Module):
             y += self.streamer.layer_experts(self.stream_index, x, cpu_ids, w)
         elif self.n_cpu:
             if self.worker is None:
-                y_cpu = cpu_moe.moe_ffn(x.float().cpu(), cpu_ids.cpu(), w.cpu(), self.experts)
+                y_cpu = cpu_moe.moe_ffn(xf.cpu(), cpu_ids.cpu(), w.cpu(), self.experts)
             else:
                 y_cpu = self.worker.wait()      # a reused pinned buffer: copied before the next submit
             y += y_cpu.to(y.device, non_blocking=True)
@@ -130,7 +131,7 @@ class OffloadedMoE(nn.Module):
             y += self._gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
         return y
 
-    def _forward_in_graph_step(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+    def _forward_in_graph_step(self, x: torch.Tensor, xf: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                                cpu_ids: torch.Tensor) -> torch.Tensor:
         """The same layer as a decode step captured by offload/graphs.py sees it: the inputs of the CPU
         experts are copied into fixed pinned buffers, the step is cut there (the host starts the CPU job),
@@ -138,7 +139,7 @@ class OffloadedMoE(nn.Module):
         the CPU result is copied back from its fixed buffer."""
         step = self.graph_step
         x_host, ids_host, w_host, out_host = step.buffers(self, x.shape[0], ids.shape[1])
-        x_host.copy_(x, non_blocking=True)
+        x_host.copy_(xf, non_blocking=True)       # fp32 on both sides: a plain copy, no conversion kernel
         ids_host.copy_(cpu_ids, non_blocking=True)
         w_host.copy_(w, non_blocking=True)
         step.cut(("submit", self))

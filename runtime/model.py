@@ -190,15 +190,17 @@ class MLA(nn.Module):
                 c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
         # Absorb wk_b into the query: q_nope . (wk_b c) = (wk_b^T q_nope) . c, so keys stay latent.
         q_nope = round_activations(q_nope, self.act_k_b)
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope.float(), self.wk_b.float())
         if cache is not None and fused(x) and T <= DECODE_TOKENS:
-            # decode on a GPU: the same attention in one Triton kernel pair (flash-decoding; kernels/gpu/mla.py)
+            # decode on a GPU: the absorbed products and the attention in Triton (kernels/gpu/absorb.py, the
+            # flash-decoding pair of kernels/gpu/mla.py), the same arithmetic in fewer launches
+            from dslocal.kernels.gpu.absorb import absorb_o, absorb_q
             from dslocal.kernels.gpu.mla import mla_decode
             length = start + T if isinstance(start, int) else (start + T).to(torch.int32)
-            o_lat = mla_decode(q_lat, q_pe, cache.kv[layer], cache.pe[layer], length, self.scale)
-        else:
-            o_lat = self._attend(q_lat, q_pe, c_kv, k_pe, start)
-        o_lat = round_activations(o_lat, self.act_v_b)
+            o_lat = mla_decode(absorb_q(q_nope, self.wk_b), q_pe, cache.kv[layer], cache.pe[layer], length,
+                               self.scale)
+            return self.wo(absorb_o(round_activations(o_lat, self.act_v_b), self.wv_b, x.dtype).flatten(2))
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope.float(), self.wk_b.float())
+        o_lat = round_activations(self._attend(q_lat, q_pe, c_kv, k_pe, start), self.act_v_b)
         o = torch.einsum("bthc,hvc->bthv", o_lat, self.wv_b.float())                   # (B, T, H, Vh)
         return self.wo(o.flatten(2).to(x.dtype))
 

@@ -1,0 +1,82 @@
+"""MLA's absorbed per-head products for decode in Triton (runtime/model.py MLA.forward), one launch each.
+
+Shapes: B batch, T new tokens, H heads, N nope dim, C kv_lora_rank, V value head dim.
+    absorb_q(q_nope, wk_b)        q_nope (B, T, H, N), wk_b (H, N, C) -> q_lat (B, T, H, C) fp32
+        q_lat[b, t, h, c] = sum_n q_nope[b, t, h, n] wk_b[h, n, c]
+    absorb_o(o_lat, wv_b, dtype)  o_lat (B, T, H, C), wv_b (H, V, C) -> o (B, T, H, V) in dtype
+        o[b, t, h, v] = sum_c o_lat[b, t, h, c] wv_b[h, v, c]
+
+In torch each is a float32 copy of the weight (and of the activations), a batched matrix-vector product
+and, for o, the cast back to the model's dtype: in a decode step replayed as a CUDA graph these launches
+cost more than the arithmetic (V2-Lite: 2 MB of bf16 weights per product). Here the inputs are read in
+their own dtype and every product and sum is in fp32, as in the torch code; only the order of the sums
+differs. Each program reads one weight tile, so a few tokens (T <= 4 in decode) re-read the weights.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _absorb_q_kernel(p_q, p_w, p_out, stride_q_bt, stride_q_h, H, N, C,
+                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (B*T*H, cdiv(C, BLOCK_C)): out row (bt, h), columns c0..c0+BLOCK_C."""
+    i_row, i_c = tl.program_id(0), tl.program_id(1)
+    i_bt, h = i_row // H, i_row % H
+    o_n = tl.arange(0, BLOCK_N)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_n, m_c = o_n < N, o_c < C
+    b_q = tl.load(p_q + i_bt.to(tl.int64) * stride_q_bt + h * stride_q_h + o_n, mask=m_n, other=0.0).to(tl.float32)
+    p = p_w + h.to(tl.int64) * N * C + o_n[:, None] * C + o_c[None, :]
+    b_w = tl.load(p, mask=m_n[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+    tl.store(p_out + i_row.to(tl.int64) * C + o_c, tl.sum(b_q[:, None] * b_w, 0), mask=m_c)
+
+
+@triton.jit
+def _absorb_o_kernel(p_o, p_w, p_out, H, C, V, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Grid (B*T*H, cdiv(V, BLOCK_V)): out row (bt, h), values v0..v0+BLOCK_V; o_lat contiguous."""
+    i_row, i_v = tl.program_id(0), tl.program_id(1)
+    h = i_row % H
+    o_c = tl.arange(0, BLOCK_C)
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_c, m_v = o_c < C, o_v < V
+    b_o = tl.load(p_o + i_row.to(tl.int64) * C + o_c, mask=m_c, other=0.0).to(tl.float32)
+    p = p_w + h.to(tl.int64) * V * C + o_v[:, None] * C + o_c[None, :]
+    b_w = tl.load(p, mask=m_v[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+    y = tl.sum(b_o[None, :] * b_w, 1)
+    tl.store(p_out + i_row.to(tl.int64) * V + o_v, y.to(p_out.dtype.element_ty), mask=m_v)
+
+
+def absorb_q(q_nope: torch.Tensor, wk_b: torch.Tensor) -> torch.Tensor:
+    """einsum("bthn,hnc->bthc", q_nope.float(), wk_b.float()); q_nope may be a strided view (MLA's slice
+    of q) with (b, t) mergeable and a contiguous last axis."""
+    B, T, H, N = q_nope.shape
+    C = wk_b.shape[2]
+    if wk_b.shape[:2] != (H, N) or q_nope.stride(3) != 1 or q_nope.stride(0) != T * q_nope.stride(1):
+        raise ValueError(f"absorb_q: q_nope {tuple(q_nope.shape)} (strides {q_nope.stride()}) against wk_b "
+                         f"{tuple(wk_b.shape)}")
+    wk_b = wk_b.contiguous()
+    out = torch.empty((B, T, H, C), dtype=torch.float32, device=q_nope.device)
+    block_n = triton.next_power_of_2(N)
+    block_c = max(16, min(triton.next_power_of_2(C), 8192 // block_n))
+    _absorb_q_kernel[(B * T * H, triton.cdiv(C, block_c))](
+        q_nope, wk_b, out, q_nope.stride(1), q_nope.stride(2), H, N, C,
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def absorb_o(o_lat: torch.Tensor, wv_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """einsum("bthc,hvc->bthv", o_lat, wv_b.float()).to(dtype)."""
+    B, T, H, C = o_lat.shape
+    V = wv_b.shape[1]
+    if wv_b.shape[0] != H or wv_b.shape[2] != C:
+        raise ValueError(f"absorb_o: o_lat {tuple(o_lat.shape)} against wv_b {tuple(wv_b.shape)}")
+    o_lat, wv_b = o_lat.contiguous(), wv_b.contiguous()
+    out = torch.empty((B, T, H, V), dtype=dtype, device=o_lat.device)
+    block_c = triton.next_power_of_2(C)
+    block_v = max(1, min(triton.next_power_of_2(V), 8192 // block_c))
+    _absorb_o_kernel[(B * T * H, triton.cdiv(V, block_v))](
+        o_lat, wv_b, out, H, C, V, BLOCK_C=block_c, BLOCK_V=block_v, num_warps=4)
+    return out
