@@ -11,9 +11,9 @@ so only the activation side differs):
   sub-block (NSE ~1e-3 and up) still fails. The 32-value types were dotted in float32 with unquantized
   activations (bound 1e-10) until their integer dot, which is 3-6x faster per core (kernels/cpu/NOTES.md),
   gave them the same activation rounding as the K-quants.
-- K-quants, single tokens (those not in a tile of four): the gate / up input x goes in 8 bits (rows.py,
-  XMAX8: llama.cpp's Q8_K), so its step is max|x| / 127, variance ~6e-5 of the signal for Gaussian x, and
-  gate and up each add one: 1e-4..1.25e-4 measured. Bound 3e-4, STYLE.md's 5e-4 for quantized matmuls
+- K-quants: the gate / up input x goes in 8 bits (rows.py, XMAX8: llama.cpp's Q8_K), so its step is
+  max|x| / 127, variance ~6e-5 of the signal for Gaussian x, and gate and up each add one: 0.75e-4..1.31e-4
+  measured (the down input keeps 11 bits). Bound 3e-4, STYLE.md's 5e-4 for quantized matmuls
   less a margin; a wrong sub-block scale still fails (Q4_K with two scales swapped: NSE 0.5).
 - F32 / F16 / BF16 are dotted in float32 with unquantized activations: only the order of the float32 sums
   differs, ~1e-13 measured; bound 1e-10.
