@@ -7,12 +7,13 @@ The CPU MoE kernels are judged against this number (DESIGN.md, "The performance 
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import numba
 import numpy as np
 from numba import njit, prange
+
+from dslocal.offload.cpu_worker import in_passing_thread
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -40,20 +41,7 @@ def read_bandwidth(gib: float = 4.0, repeat: int = 5, threads: int | None = None
     Probed from a thread that ends with the probe: its OpenMP team goes with it, and does not stay beside
     the CPU expert worker's (offload/cpu_worker.py says why that would slow the worker down)."""
     threads = threads or numba.get_num_threads()
-    result: dict = {}
-    errors: list[BaseException] = []
-
-    def probe() -> None:
-        try:
-            result.update(_probe(gib, repeat, threads))
-        except BaseException as e:      # raised again in the caller
-            errors.append(e)
-    t = threading.Thread(target=probe, name="dslocal-dram-probe")
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
-    return result
+    return in_passing_thread(_probe, gib, repeat, threads)
 
 
 def _probe(gib: float, repeat: int, threads: int) -> dict:

@@ -13,10 +13,12 @@ CUDA device are copied into pinned host buffers without blocking the caller (the
 copy's event); the result lands in a pinned buffer that is reused by the next job, so copy it to the GPU
 (non_blocking=True is fine) before the next submit.
 
-Numba's OpenMP layer gives each thread that calls a parallel kernel a team of its own, and once the
-process has more of those threads than cores, every team stops spinning between parallel steps and sleeps
-(~35 us more per step, four steps per layer, measured on the GPU box). So let one thread of the process
-call the kernels: this worker while it exists (bench/dram.py probes in a short-lived thread for this).
+OpenMP (Numba's kernels and torch's CPU operators share one libgomp) gives each thread that runs a parallel
+region a team of its own, kept until that thread ends; once the process has more team threads than cores,
+every team stops spinning between parallel steps and sleeps (an empty layer job on the GPU box: ~35 us
+alone, 150-190 us beside a second team). So while this worker exists it is the one thread that runs
+parallel CPU code for long: other heavy CPU work goes through `in_passing_thread` (the model's loading, the
+DRAM probe), and the prefill copy thread ends with each prefill (offload/prefill.py).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numba
 import numpy as np
@@ -35,12 +38,34 @@ import torch
 from dslocal.kernels.cpu.moe import LayerCall, moe_ffn
 from dslocal.kernels.experts import ExpertTensors
 
+T = TypeVar("T")
+
 
 def default_threads() -> int:
     """The physical core count (hyper-threads share a core's vector units and memory bandwidth), capped
     at the threads Numba was started with (NUMBA_NUM_THREADS)."""
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     return max(1, min(cores, numba.config.NUMBA_NUM_THREADS))
+
+
+def in_passing_thread(fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs) in a thread that ends with it, so the OpenMP team its parallel CPU code (torch's
+    operators, Numba's kernels) makes goes with the thread instead of staying beside the expert worker's.
+    Returns fn's result; raises what fn raised."""
+    result: list = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn(*args, **kwargs))
+        except BaseException as e:      # raised again in the caller
+            errors.append(e)
+    t = threading.Thread(target=run, name="dslocal-passing")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dslocal.offload import hotness
-from dslocal.offload.cpu_worker import ExpertWorker
+from dslocal.offload.cpu_worker import ExpertWorker, in_passing_thread
 from dslocal.offload.hybrid import OffloadedMoE, attach_streamer, load_offloaded, routing_counts
 from dslocal.offload.prefill import UNIT_BYTES
 from dslocal.offload.planner import Budget, Hardware, ModelShape, Placement, PlanError, format_plan, parse_size, plan
@@ -78,14 +78,16 @@ def load_placed(path: str, f: GGUFFile, cfg: ModelConfig, s: Placing,
     worker = None
     if s.device != "cpu" and any(lp.n_expert > len(lp.gpu_experts) for lp in placement.layers):
         worker = ExpertWorker(s.expert_threads)
-    model = load_offloaded(f, cfg, placement, s.device, s.dtype, worker)
+    # loading and calibrating run torch's parallel CPU operators: in a thread of their own, whose OpenMP
+    # team then ends with it instead of slowing the expert worker's (offload/cpu_worker.py)
+    model = in_passing_thread(load_offloaded, f, cfg, placement, s.device, s.dtype, worker)
     if worker is None and s.expert_threads:
         import numba
         numba.set_num_threads(s.expert_threads)          # the calling thread runs the CPU experts
     if counts is None and s.calibrate and any(lp.gpu_experts for lp in placement.layers):
-        counts = _calibrate(model, f, cfg, s, path, log)
+        counts = in_passing_thread(_calibrate, model, f, cfg, s, path, log)
         placement = plan(shape, hardware, dataclasses.replace(budget, hotness=counts))
-        replace_gpu_experts(model, placement)
+        in_passing_thread(replace_gpu_experts, model, placement)
     print(format_plan(placement), file=log)
     return model, placement
 

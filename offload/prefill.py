@@ -44,7 +44,7 @@ class ExpertStreamer:
         self.first_unit = {}                     # layer -> index of its first unit
         for k, u in enumerate(self.units):
             self.first_unit.setdefault(u.layer, k)
-        self._pool: ThreadPoolExecutor | None = None   # made on first use: no thread at load
+        self._pool: ThreadPoolExecutor | None = None   # the copy thread: made per prefill, none at load
         self._stream: torch.cuda.Stream | None = None
         self._next: tuple[int, Future] | None = None   # the unit being copied ahead
 
@@ -67,14 +67,21 @@ class ExpertStreamer:
         return gpu, done
 
     def _start(self, k: int) -> None:
-        if self._pool is None:
+        if self._stream is None:
             from dslocal.kernels.gpu.moe import GPUExperts
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dslocal-expert-stream")
             self._stream = torch.cuda.Stream(self.device)
             most = max(GPUExperts.staging_bytes(self.layers[u.layer].experts, len(u.expert_ids))
                        for u in self.units)
             self._staging = [(torch.empty(most, dtype=torch.uint8, pin_memory=True), None) for _ in range(2)]
-        self._next = (k, self._pool.submit(self._copy, k)) if k < len(self.units) else None
+        if k >= len(self.units):
+            # the prompt's last unit has been copied: the copy thread ends, and with it the OpenMP team of
+            # its parallel copies, which would slow the CPU expert worker (offload/cpu_worker.py)
+            self._next = None
+            self.close()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="dslocal-expert-stream")
+        self._next = (k, self._pool.submit(self._copy, k))
 
     def _take(self, k: int):
         """Unit k on the GPU (waiting for its copy); the copy of unit k + 1 starts at once."""

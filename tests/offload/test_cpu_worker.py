@@ -1,5 +1,6 @@
 """offload/cpu_worker.py: results equal to the kernel's, the caller's thread free during a job, errors
 forwarded with their message, clean shutdown."""
+import os
 import threading
 import time
 
@@ -9,7 +10,7 @@ import torch
 
 from dslocal.kernels.cpu.moe import LayerCall, moe_ffn
 from dslocal.kernels.experts import ExpertTensors
-from dslocal.offload.cpu_worker import ExpertWorker, default_threads
+from dslocal.offload.cpu_worker import ExpertWorker, default_threads, in_passing_thread
 from dslocal.quant.ggml import GGMLType
 from dslocal.quant.quantize import quantize
 
@@ -127,3 +128,27 @@ def test_cuda_inputs_go_through_pinned_buffers():
         y = worker.wait()
         assert y.is_pinned()
         assert torch.equal(y, moe_ffn(x.cpu(), ids.cpu(), w.cpu(), ex))
+
+
+def test_in_passing_thread_returns_and_raises():
+    assert in_passing_thread(lambda a, b=0: a + b, 2, b=3) == 5
+    main = threading.get_ident()
+    assert in_passing_thread(threading.get_ident) != main
+    with pytest.raises(ZeroDivisionError):
+        in_passing_thread(lambda: 1 / 0)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2,
+                    reason="counts the threads of a Linux process with a parallel torch")
+def test_in_passing_thread_leaves_no_openmp_team_behind():
+    """torch's parallel operators make an OpenMP team for the thread that runs them, kept until that thread
+    ends; beside the expert worker's team it makes both sleep between parallel steps (cpu_worker.py)."""
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+    x = torch.randn(4_000_000)
+    before = threads()
+    in_passing_thread(lambda: float((x * 2).sum()))
+    deadline = time.monotonic() + 5
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threads() <= before
