@@ -60,7 +60,8 @@ def in_passing_thread(fn: Callable[..., T], *args, **kwargs) -> T:
             result.append(fn(*args, **kwargs))
         except BaseException as e:      # raised again in the caller
             errors.append(e)
-    t = threading.Thread(target=run, name="dslocal-passing")
+    # a daemon: after Ctrl-C in the caller the process can exit without waiting for fn to finish
+    t = threading.Thread(target=run, name="dslocal-passing", daemon=True)
     t.start()
     t.join()
     if errors:
