@@ -514,7 +514,7 @@ def _block4(chunk, end, n, acc0, acc1, acc2, acc3, w, p, x16, xs, s0, s1, s2, s3
 
 
 @njit(inline="always")
-def _block1_8(u8, m8, end, acc, w, p, x8, xs, s, v, xd):
+def _block1_8(u8, end, m8, acc, w, p, x8, xs, s, v, xd):
     """acc + the K-quant block at byte p . values v.. of activation row s in 8 bits (see the `_u8` types)."""
     x = s * x8.shape[1] + v
     a = _zero_i32()
@@ -524,7 +524,7 @@ def _block1_8(u8, m8, end, acc, w, p, x8, xs, s, v, xd):
 
 
 @njit(inline="always")
-def _block4_8(u8, m8, end, acc0, acc1, acc2, acc3, w, p, x8, xs, s0, s1, s2, s3, v, xd0, xd1, xd2, xd3):
+def _block4_8(u8, end, m8, acc0, acc1, acc2, acc3, w, p, x8, xs, s0, s1, s2, s3, v, xd0, xd1, xd2, xd3):
     """_block1_8 for rows s0..s3, each chunk's bytes and multipliers made once; even and odd chunks in two
     int32 sums per token (eight chains of pmaddwd, as in _block4)."""
     D = x8.shape[1]

@@ -119,12 +119,26 @@ def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
 
 @njit(inline="always")
 def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    """res[i, r - r0] = row r . activation row src[i], one block (kernels/cpu/blocks.py) at a time. Tokens
-    loop inside rows: the row stays in L1 while the activations (4 KB per token per 2048 values) come from L2.
-    Four tokens at a time share each unpacked block (_block4); the rest go one by one, even and odd blocks
+    """res[i, r - r0] = row r . activation row src[i] on int16 activations (blocks.py `_block1` / `_block4`)."""
+    _rows_by(_block1, _block4, chunk, end, n_values // 16, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs,
+             res)
+
+
+@njit(inline="always")
+def _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, res):
+    """The same for a K-quant on activations in 8 bits (blocks.py `_block1_8` / `_block4_8`)."""
+    _rows_by(_block1_8, _block4_8, u8, end, m8, n_bytes, 256, w, e, r0, r1, src, n_src, x8, xd, xs, res)
+
+
+@njit(inline="always")
+def _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_src, x, xd, xs, res):
+    """res[i, r - r0] = row r . activation row src[i], one block at a time: block4(f, end, g, ...) for four
+    tokens, block1(f, end, g, ...) for one (the drivers of kernels/cpu/blocks.py with a type's functions).
+    Tokens loop inside rows: the row stays in L1 while the activations (4 KB per token per 2048 values) come
+    from L2. Four tokens at a time share each unpacked block; the rest go one by one, even and odd blocks
     into two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one (NOTES.md)."""
     R, row_bytes = w.shape[1], w.shape[2]
-    n_blocks, per_scale, n = row_bytes // n_bytes, u64(QB // n_values), n_values // 16
+    n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
     for b0 in range(r0, r1, ROW_BLOCK):
         b1 = min(b0 + ROW_BLOCK, r1)
         i = 0
@@ -135,9 +149,9 @@ def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, 
                 acc0, acc1, acc2, acc3 = _zero(), _zero(), _zero(), _zero()
                 for j in range(n_blocks):   # unsigned j: the scale's index is a shift, no sign fix-ups
                     c = u64(j) // per_scale
-                    acc0, acc1, acc2, acc3 = _block4(chunk, end, n, acc0, acc1, acc2, acc3, w, p + n_bytes * j, x16,
-                                                     xs, s0, s1, s2, s3, n_values * j, xd[s0, c], xd[s1, c],
-                                                     xd[s2, c], xd[s3, c])
+                    acc0, acc1, acc2, acc3 = block4(f, end, g, acc0, acc1, acc2, acc3, w, p + n_bytes * j, x, xs,
+                                                    s0, s1, s2, s3, n_values * j, xd[s0, c], xd[s1, c], xd[s2, c],
+                                                    xd[s3, c])
                 res[i, r - r0], res[i + 1, r - r0] = _hsum(acc0), _hsum(acc1)
                 res[i + 2, r - r0], res[i + 3, r - r0] = _hsum(acc2), _hsum(acc3)
             i += 4
@@ -150,51 +164,14 @@ def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, 
                 s = src[i]
                 acc0, acc1 = _zero(), _zero()
                 for j in range(0, n_blocks - 1, 2):
-                    acc0 = _block1(chunk, end, n, acc0, w, p + n_bytes * j, x16, xs, s, n_values * j,
-                                   xd[s, u64(j) // per_scale])
-                    acc1 = _block1(chunk, end, n, acc1, w, p + n_bytes * (j + 1), x16, xs, s, n_values * (j + 1),
-                                   xd[s, u64(j + 1) // per_scale])
+                    acc0 = block1(f, end, g, acc0, w, p + n_bytes * j, x, xs, s, n_values * j,
+                                  xd[s, u64(j) // per_scale])
+                    acc1 = block1(f, end, g, acc1, w, p + n_bytes * (j + 1), x, xs, s, n_values * (j + 1),
+                                  xd[s, u64(j + 1) // per_scale])
                 if n_blocks % 2:
                     j = n_blocks - 1
-                    acc0 = _block1(chunk, end, n, acc0, w, p + n_bytes * j, x16, xs, s, n_values * j,
-                                   xd[s, u64(j) // per_scale])
-                res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
-
-
-@njit(inline="always")
-def _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, res):
-    """_rows for a K-quant on activations in 8 bits (blocks.py `_block4_8` / `_block1_8`)."""
-    R, row_bytes = w.shape[1], w.shape[2]
-    n_blocks = row_bytes // n_bytes
-    for b0 in range(r0, r1, ROW_BLOCK):
-        b1 = min(b0 + ROW_BLOCK, r1)
-        i = 0
-        while i + 4 <= n_src:
-            s0, s1, s2, s3 = src[i], src[i + 1], src[i + 2], src[i + 3]
-            for r in range(b0, b1):
-                p = (e * R + r) * row_bytes
-                acc0, acc1, acc2, acc3 = _zero(), _zero(), _zero(), _zero()
-                for j in range(n_blocks):
-                    acc0, acc1, acc2, acc3 = _block4_8(u8, m8, end, acc0, acc1, acc2, acc3, w, p + n_bytes * j, x8,
-                                                       xs, s0, s1, s2, s3, QB * j, xd[s0, j], xd[s1, j], xd[s2, j],
-                                                       xd[s3, j])
-                res[i, r - r0], res[i + 1, r - r0] = _hsum(acc0), _hsum(acc1)
-                res[i + 2, r - r0], res[i + 3, r - r0] = _hsum(acc2), _hsum(acc3)
-            i += 4
-        for r in range(b0, b1):
-            p = (e * R + r) * row_bytes
-            if n_src % 4 and row_bytes < PREFETCH_MAX_ROW_BYTES:
-                for k in range(0, row_bytes, 64):
-                    _prefetch(w, p + PREFETCH_ROWS * row_bytes + k)
-            for i in range(n_src - n_src % 4, n_src):
-                s, acc0, acc1 = src[i], _zero(), _zero()
-                for j in range(0, n_blocks - 1, 2):     # even and odd blocks into two accumulators, as in _rows
-                    acc0 = _block1_8(u8, m8, end, acc0, w, p + n_bytes * j, x8, xs, s, QB * j, xd[s, j])
-                    acc1 = _block1_8(u8, m8, end, acc1, w, p + n_bytes * (j + 1), x8, xs, s, QB * (j + 1),
-                                     xd[s, j + 1])
-                if n_blocks % 2:
-                    j = n_blocks - 1
-                    acc0 = _block1_8(u8, m8, end, acc0, w, p + n_bytes * j, x8, xs, s, QB * j, xd[s, j])
+                    acc0 = block1(f, end, g, acc0, w, p + n_bytes * j, x, xs, s, n_values * j,
+                                  xd[s, u64(j) // per_scale])
                 res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
 
 
