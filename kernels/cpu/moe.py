@@ -108,15 +108,17 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
 
 @njit(cache=True, nogil=True, parallel=True)
 def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_split, x8q, x16, xd, xs, h, h16, hd, hs, out):
-    """x (T, D) f32, ids (T, K) int64, wts (T, K) f32 -> out (T, D) f32; the rest is scratch (see moe_ffn).
-    x8q: x in 8 bits for the gate / up projections (rows.py rows_dot), or arrays of no rows."""
+    """x (T, D) f32, ids (T, K) int64, wts (T, K) f32 -> out (T, D) f32; the rest is scratch (see LayerCall).
+    x8q: x in 8 bits for the gate / up projections (rows.py rows_dot), and x16 / xd / xs x in 11 bits; either
+    may have no rows when no projection reads it."""
     T = x.shape[0]
     E, F, D = gate.shape[0], gate.shape[1], down.shape[1]
     start, pair_tok, pair_w, active = _route(ids, wts, E)
     x8, xd8, xs8 = x8q
-    h8q = (np.empty((0, F), np.int8), np.empty((0, 1), np.float32), np.empty((0, 1), np.int32))  # 11 bits
+    h8q = (x8[:0], xd8[:0], xs8[:0])        # no rows: the down projection's input keeps 11 bits
     for t in prange(T):
-        quantize_row(x, t, x16, xd, xs)
+        if x16.shape[0]:
+            quantize_row(x, t, x16, xd, xs)
         if x8.shape[0]:
             quantize_row(x, t, x8, xd8, xs8, XMAX8)
     for step in range(2):
@@ -176,15 +178,18 @@ class LayerCall:
         if out_n.shape != (T, D) or out_n.dtype != np.float32 or not out_n.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float32 ({T}, {D}), got {out_n.dtype} {tuple(out_n.shape)}")
         P, F = ids.size, experts.ffn
-        s16, sd, ss = activation_shapes(T, D)
+        _, sd, ss = activation_shapes(T, D)
         h16, hd, hs = activation_shapes(P, F)
         self.ids, self.out = ids, out_n
         self._inputs = (xn, ids, wts, experts.gate, experts.up, experts.down,
                          int(experts.gate_type), int(experts.up_type), int(experts.down_type))
-        # x in 8 bits too where a gate / up projection is a K-quant (its loops multiply bytes)
-        n8 = T if GATE_UP_8BIT and (experts.gate_type in BYTE_DOT or experts.up_type in BYTE_DOT) else 0
+        # x in 8 bits where a gate / up projection is a K-quant (its loops multiply bytes), in 11 bits where
+        # one is not: a buffer of no rows is not filled
+        on_bytes = [GATE_UP_8BIT and t in BYTE_DOT for t in (experts.gate_type, experts.up_type)]
+        n8, n16 = T if any(on_bytes) else 0, 0 if all(on_bytes) else T
         x8q = (np.empty((n8, D), np.int8), np.empty((n8, sd[1]), np.float32), np.empty((n8, ss[1]), np.int32))
-        self._scratch = (x8q, np.empty(s16, np.int16), np.empty(sd, np.float32), np.empty(ss, np.int32),
+        self._scratch = (x8q, np.empty((n16, D), np.int16), np.empty((n16, sd[1]), np.float32),
+                         np.empty((n16, ss[1]), np.int32),
                          np.empty((P, F), np.float32), np.empty(h16, np.int16), np.empty(hd, np.float32),
                          np.empty(hs, np.int32), out_n)
 
