@@ -38,7 +38,7 @@ import torch
 from dslocal.kernels.cpu.moe import LayerCall, moe_ffn
 from dslocal.kernels.experts import ExpertTensors
 
-T = TypeVar("T")
+Result = TypeVar("Result")
 
 
 def default_threads() -> int:
@@ -48,7 +48,7 @@ def default_threads() -> int:
     return max(1, min(cores, numba.config.NUMBA_NUM_THREADS))
 
 
-def in_passing_thread(fn: Callable[..., T], *args, **kwargs) -> T:
+def in_passing_thread(fn: Callable[..., Result], *args, **kwargs) -> Result:
     """fn(*args, **kwargs) in a thread that ends with it, so the OpenMP team its parallel CPU code (torch's
     operators, Numba's kernels) makes goes with the thread instead of staying beside the expert worker's.
     Returns fn's result; raises what fn raised."""

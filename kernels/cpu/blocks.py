@@ -162,11 +162,17 @@ def _lane_ir(c, b, sig, v, j):
     (v & 15) was scalarised to vpextrw, and, vpbroadcastw from a general register (Q2_K 12.0 -> 13.8 G/s)."""
     if not _has("avx2"):
         return _splat(b, b.extract_element(v, j), v.type)
+    return _shuffle_half(b, v, j, [0, 1] * 16)
+
+
+def _shuffle_half(b, v, j, pattern):
+    """vpshufb of the 128-bit half of v (int16 lanes) that holds lane j, copied to both halves: result byte k
+    = byte 2 (j mod 8) + pattern[k] of that half."""
     v32 = ir.VectorType(_i8, 32)
     half = b.select(b.icmp_signed(">=", j, ir.Constant(j.type, 8)), _pick(b, v, list(range(8, 16)) * 2),
                     _pick(b, v, list(range(8)) * 2))
     byte = b.trunc(b.shl(b.and_(j, ir.Constant(j.type, 7)), ir.Constant(j.type, 1)), _i8)
-    control = b.add(_splat(b, byte, v32), _vec(v32, [0, 1] * 16))   # bytes 2j, 2j + 1 of each 128-bit half
+    control = b.add(_splat(b, byte, v32), _vec(v32, pattern))
     return b.bitcast(_call(b, "llvm.x86.avx2.pshuf.b", v32, [b.bitcast(half, v32), control]), v.type)
 
 
@@ -177,12 +183,7 @@ def _lane_pair_ir(c, b, sig, v, j):
         lo = _splat(b, b.extract_element(v, j), v.type)
         hi = _splat(b, b.extract_element(v, b.add(j, ir.Constant(j.type, 1))), v.type)
         return b.shuffle_vector(lo, hi, _vec(ir.VectorType(_i32, 16), list(range(8)) + list(range(24, 32))))
-    v32 = ir.VectorType(_i8, 32)
-    half = b.select(b.icmp_signed(">=", j, ir.Constant(j.type, 8)), _pick(b, v, list(range(8, 16)) * 2),
-                    _pick(b, v, list(range(8)) * 2))
-    byte = b.trunc(b.shl(b.and_(j, ir.Constant(j.type, 7)), ir.Constant(j.type, 1)), _i8)
-    control = b.add(_splat(b, byte, v32), _vec(v32, [0, 1] * 8 + [2, 3] * 8))
-    return b.bitcast(_call(b, "llvm.x86.avx2.pshuf.b", v32, [b.bitcast(half, v32), control]), v.type)
+    return _shuffle_half(b, v, j, [0, 1] * 8 + [2, 3] * 8)
 
 
 def _bits_ir(c, b, sig, qh, shift, on, off):
