@@ -7,12 +7,19 @@ One call does, with the pairs grouped by expert and experts without tokens skipp
   2. h = silu(gate x) * up x for every pair                         parallel over row ranges of F
   3. quantize h                                                     parallel over pairs
   4. out[t] = sum_k w * down h                                      parallel over row ranges of D
-Steps 2 and 4 give each thread one contiguous range of weight rows and loop over all active experts in it:
-every thread reads the same number of bytes whatever the routing, and in step 4 each thread owns its
-output rows, so the sum over experts needs no second pass. Between steps the threads meet at the end of
-a prange: 7.7 us each with Numba's OpenMP layer on the 16-core GPU box; its workqueue layer took ~50 us
-per prange on a 2-core machine. OpenMP threads spin while they wait, so give the layer no more threads
-than there are cores left free by the caller's own threads.
+Steps 2 and 4 cut the weight rows into chunks that the threads claim from a shared counter until none is
+left, each chunk the same rows of every active expert: it reads the same bytes whatever the routing, and
+in step 4 it owns its output rows, so the sum over experts needs no second pass. The first chunks (one
+per thread) hold FIRST_SHARE % of the rows, long streams for the prefetchers; the rest come in
+SMALL_CHUNKS small chunks per thread, so that a thread that runs behind takes fewer of them. Cores do not
+run at one speed (a hybrid desktop CPU's efficiency cores least of all): on the 16-core GPU box, with one
+fixed range each, the slowest thread of a layer step took 1.3-1.6x as long as the fastest, and a step
+waits for its slowest thread. Against fixed ranges, same run (kernels/cpu/NOTES.md): V2-Lite T = 1
+1.00-1.10x, V3 T = 1 1.13x, T = 8 1.16x, T = 512 1.20x; all chunks small (8 per thread) was up to 8 %
+slower than fixed ranges for V2-Lite Q4_K at T = 1. Between steps the
+threads meet at the end of a prange: 7.7 us each with Numba's OpenMP layer on the GPU box; its workqueue
+layer took ~50 us per prange on a 2-core machine. OpenMP threads spin while they wait, so give the layer
+no more threads than there are cores left free by the caller's own threads.
 """
 from __future__ import annotations
 
@@ -21,7 +28,9 @@ import sys
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from dslocal.kernels.cpu.rows import BYTE_DOT, XMAX8, activation_shapes, quantize_row, rows_dot
 from dslocal.kernels.experts import ExpertTensors
@@ -29,6 +38,22 @@ from dslocal.kernels.experts import ExpertTensors
 f32 = np.float32
 TOKEN_BLOCK = 64     # pairs per pass over a weight tile: their int16 activations stay in L2 while it is read
 GATE_UP_8BIT = True  # K-quant gate / up projections on 8-bit activations (rows.py, XMAX8)
+# Steps 2 and 4 hand out FIRST_SHARE % of the weight rows as one chunk per thread, then the rest as
+# SMALL_CHUNKS chunks per thread (see the module's docstring); read at each call
+FIRST_SHARE = 75
+SMALL_CHUNKS = 4
+
+
+@intrinsic
+def _claim(typingctx, counter, i):
+    """counter[i] += 1 as one atomic step; returns the value before (the chunk the caller now owns).
+    Relaxed ordering is enough: the chunks' results are read only after the prange has ended."""
+    if isinstance(counter, types.Array) and counter.dtype == types.int64 and counter.layout == "C":
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            at = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+            return builder.atomic_rmw("add", at, ir.Constant(ir.IntType(64), 1), "monotonic")
+        return types.int64(counter, i), codegen
 
 
 @njit(cache=True, nogil=True)
@@ -63,6 +88,16 @@ def _route(ids, wts, E):
             active[n_active] = e
             n_active += 1
     return start, pair_tok, pair_w, active
+
+
+@njit(inline="always")
+def _chunk(c, n_threads, big, n_small, rows):
+    """Rows r0:r1 of chunk c: chunks 0 .. n_threads - 1 split the first `big` rows, the n_small after them
+    the rest (an empty first chunk where big is 0)."""
+    if c < n_threads:
+        return c * big // n_threads, (c + 1) * big // n_threads
+    c -= n_threads
+    return big + c * (rows - big) // n_small, big + (c + 1) * (rows - big) // n_small
 
 
 @njit(inline="always")
@@ -107,8 +142,11 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_split, x8q, x16, xd, xs, h, h16, hd, hs, out):
+def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
+               h, h16, hd, hs, out):
     """x (T, D) f32, ids (T, K) int64, wts (T, K) f32 -> out (T, D) f32; the rest is scratch (see LayerCall).
+    Steps 2 and 4 run on n_threads threads: first_share % of the rows in one chunk each, the rest in
+    small_per_thread chunks each.
     x8q: x in 8 bits for the gate / up projections (rows.py rows_dot), and x16 / xd / xs x in 11 bits; either
     may have no rows when no projection reads it."""
     T = x.shape[0]
@@ -116,6 +154,7 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_split, x8q, x16, xd, x
     start, pair_tok, pair_w, active = _route(ids, wts, E)
     x8, xd8, xs8 = x8q
     h8q = (x8[:0], xd8[:0], xs8[:0])        # no rows: the down projection's input keeps 11 bits
+    claimed = np.zeros(16, np.int64)        # chunks handed out in step 2 (at 0) and step 4 (at 8: own cache line)
     for t in prange(T):
         if x16.shape[0]:
             quantize_row(x, t, x16, xd, xs)
@@ -124,13 +163,18 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_split, x8q, x16, xd, x
     for step in range(2):
         # one prange for both weight steps: Numba compiles each prange into a function of its own, and the
         # heavy kernels then once instead of twice (the first compile takes ~25 s less)
-        for u in prange(n_split):
-            if step == 0:
-                _gate_up_rows(tg, tu, gate, up, u * F // n_split, (u + 1) * F // n_split, active, start,
-                              pair_tok, x16, xd, xs, x, h, x8q)
-            else:
-                _down_rows(td, down, u * D // n_split, (u + 1) * D // n_split, active, start, pair_tok, pair_w,
-                           h16, hd, hs, h, out, h8q)
+        rows = F if step == 0 else D
+        big = rows * first_share // 100 // n_threads * n_threads   # rows in the first chunks, one per thread
+        n_small = min(rows - big, n_threads * small_per_thread)
+        for u in prange(n_threads):
+            c = _claim(claimed, 8 * step)
+            while c < n_threads + n_small:
+                r0, r1 = _chunk(c, n_threads, big, n_small, rows)
+                if step == 0:
+                    _gate_up_rows(tg, tu, gate, up, r0, r1, active, start, pair_tok, x16, xd, xs, x, h, x8q)
+                else:
+                    _down_rows(td, down, r0, r1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, h8q)
+                c = _claim(claimed, 8 * step)
         if step == 0:
             for p in prange(pair_tok.shape[0]):
                 quantize_row(h, p, h16, hd, hs)
@@ -199,7 +243,7 @@ class LayerCall:
         if not _compiled:
             _compile_notice()
             _compiled = True
-        _moe_layer(*self._inputs, numba.get_num_threads(), *self._scratch)
+        _moe_layer(*self._inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
         return self.out
 
 

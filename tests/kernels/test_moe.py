@@ -188,3 +188,17 @@ def test_a_layer_call_reads_its_buffers_anew_each_time():
         assert np.array_equal(out, cpu.moe_ffn(x.copy(), ids.copy(), w.copy(), ex))
     with pytest.raises(ValueError, match="out must be"):
         cpu.LayerCall(x, ids, w, ex, np.zeros((T, 255), np.float32))
+
+
+@pytest.mark.parametrize("share, small", [(0, 1), (50, 64), (100, 4)])
+def test_any_cut_into_chunks_gives_the_same_bits(monkeypatch, share, small):
+    """Threads claim chunks of weight rows (moe.py FIRST_SHARE / SMALL_CHUNKS); every row's dot is the same
+    however the rows are cut, including chunks of no rows (more chunks than rows, or no first share)."""
+    rng = np.random.default_rng(11)
+    ex = experts_of(T_.Q4_K, 256, 96, rng, down=T_.Q5_0)
+    x = rng.standard_normal((9, 256), dtype=np.float32)
+    ids, w = routing(9, 3, rng)
+    want = cpu.moe_ffn(x, ids, w, ex)
+    monkeypatch.setattr(cpu, "FIRST_SHARE", share)
+    monkeypatch.setattr(cpu, "SMALL_CHUNKS", small)
+    assert np.array_equal(cpu.moe_ffn(x, ids, w, ex), want)
