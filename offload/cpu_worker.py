@@ -4,7 +4,8 @@
     worker.submit(x, topk_ids, topk_weights, experts)   # returns at once
     ...                                      # GPU work: attention of the next micro-batch, shared experts
     y = worker.wait()                        # (T, D) float32 on the CPU, pinned; re-raises worker errors
-    worker.submit_call(layer_call, ready)    # a prepared kernels.cpu.moe.LayerCall on fixed buffers
+    worker.submit_call(layer_call, ready)    # a prepared kernels.cpu.moe.LayerCall on fixed buffers, or a
+                                             # callable that runs such calls itself (offload/graphs.py)
     worker.close()                           # or `with ExpertWorker() as worker:`
 
 One job at a time, in order: submit, then wait, then the next submit. The kernels (kernels/cpu/moe.py) run
@@ -113,9 +114,10 @@ class ExpertWorker:
         ids, weights = torch.as_tensor(topk_ids), torch.as_tensor(topk_weights)
         self._put(_Job(lambda: moe_ffn(x, ids, weights, experts, out=out), ready))
 
-    def submit_call(self, call: LayerCall, ready: torch.cuda.Event | None = None) -> None:
-        """Start a prepared layer (its buffers checked and scratch allocated once; kernels/cpu/moe.py);
-        ready: the event after the copies into its input buffers. wait() returns its out array."""
+    def submit_call(self, call: LayerCall | Callable[[], object], ready: torch.cuda.Event | None = None) -> None:
+        """Start a prepared layer (its buffers checked and scratch allocated once; kernels/cpu/moe.py), or
+        any callable that runs layers on this thread (a replayed decode step, offload/graphs.py); ready: the
+        event after the copies into its input buffers. wait() returns what the call returns."""
         self._check_free()
         self._put(_Job(call, ready))
 
