@@ -13,13 +13,13 @@ in step 4 it owns its output rows, so the sum over experts needs no second pass.
 per thread) hold FIRST_SHARE % of the rows, long streams for the prefetchers; the rest come in
 SMALL_CHUNKS small chunks per thread, so that a thread that runs behind takes fewer of them. Cores do not
 run at one speed (a hybrid desktop CPU's efficiency cores least of all): on the 16-core GPU box, with one
-fixed range each, the slowest thread of a layer step took 1.3-1.6x as long as the fastest, and a step
+fixed range each, the slowest thread of a layer step took 1.3-1.9x as long as the fastest, and a step
 waits for its slowest thread. Against fixed ranges, same run (kernels/cpu/NOTES.md): V2-Lite T = 1
 1.00-1.10x, V3 T = 1 1.13x, T = 8 1.16x, T = 512 1.20x; all chunks small (8 per thread) was up to 8 %
-slower than fixed ranges for V2-Lite Q4_K at T = 1. Between steps the
-threads meet at the end of a prange: 7.7 us each with Numba's OpenMP layer on the GPU box; its workqueue
-layer took ~50 us per prange on a 2-core machine. OpenMP threads spin while they wait, so give the layer
-no more threads than there are cores left free by the caller's own threads.
+slower than fixed ranges for V2-Lite Q4_K at T = 1. Between steps the threads meet at the end of a
+prange: 7.7 us each with Numba's OpenMP layer on the GPU box; its workqueue layer took ~50 us per prange
+on a 2-core machine. OpenMP threads spin while they wait, so give the layer no more threads than there
+are cores left free by the caller's own threads.
 """
 from __future__ import annotations
 
