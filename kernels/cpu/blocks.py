@@ -216,6 +216,16 @@ def _q3_scales_ir(c, b, sig, w, i):
     return b.sub(v, _vec(_V16, 32))
 
 
+def _opaque(b, v):
+    """v, computed once into a register: an empty inline asm that LLVM cannot look through. Without it LLVM
+    moved Q3_K's scale arithmetic past the 8-bit path's per-chunk lane shuffles and redid part of it for
+    every chunk (108 -> 88 vector instructions per block, read from inspect_asm). Not in the int16 path:
+    there it kept LLVM from unrolling the chunk loop."""
+    if not _has("avx2"):
+        return v
+    return b.call(ir.InlineAsm(ir.FunctionType(v.type, [v.type]), "", "=x,0"), [v])
+
+
 def _widen_u8(b, v):
     """16 bytes -> 16 int16 lanes, zero-extended as bytes interleaved with zeros, not as a zext: from
     `zext(v) >> 4` with one use LLVM made a byte shift (vgf2p8affineqb), Q5_0 at T = 1 10 % slower."""
@@ -249,6 +259,8 @@ _u32 = _op("_u32", types.uint32, lambda c, b, sig, a, i: _load(c, b, sig, a, i, 
 _f16 = _op("_f16", FV, _f16_ir, (0,))
 _k4_scales = _op("_k4_scales", I16, _k4_scales_ir, (0,))
 _q3_scales = _op("_q3_scales", I16, _q3_scales_ir, (0,))
+_q3_scales_once = _op("_q3_scales_once", I16,
+                      lambda c, b, sig, w, i: _opaque(b, _q3_scales_ir(c, b, sig, w, i)), (0,))
 
 # int16 lanes; k, n, j: integers (constants once LLVM has unrolled the loops around them)
 _and = _op("_and", I16, lambda c, b, sig, v, k: b.and_(v, _splat(b, _as_i16(b, k), _V16)))
@@ -425,7 +437,7 @@ def _q3_k_u8(w, p, c):
 
 @njit(inline="always")
 def _q3_k_m8(w, p, c):
-    return _lane_pair(_q3_scales(w, p + 96), 2 * c)
+    return _lane_pair(_q3_scales_once(w, p + 96), 2 * c)
 
 
 @njit(inline="always")
