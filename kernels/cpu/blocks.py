@@ -219,7 +219,7 @@ def _q3_scales_ir(c, b, sig, w, i):
 def _opaque(b, v):
     """v, computed once into a register: an empty inline asm that LLVM cannot look through. Without it LLVM
     moved Q3_K's scale arithmetic past the 8-bit path's per-chunk lane shuffles and redid part of it for
-    every chunk (108 -> 88 vector instructions per block, read from inspect_asm). Not in the int16 path:
+    every chunk (108 -> 87 vector instructions per block, read from inspect_asm). Not in the int16 path:
     there it kept LLVM from unrolling the chunk loop."""
     if not _has("avx2"):
         return v
