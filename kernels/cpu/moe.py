@@ -7,6 +7,8 @@ One call does, with the pairs grouped by expert and experts without tokens skipp
   2. h = silu(gate x) * up x for every pair                         parallel over row ranges of F
   3. quantize h                                                     parallel over pairs
   4. out[t] = sum_k w * down h                                      parallel over row ranges of D
+Experts with gemm.GEMM_MIN_TOKENS tokens or more (a prompt's) can instead be dequantized to bf16 and
+multiplied by torch (kernels/cpu/gemm.py, where the CPU has AMX); LayerCall splits the pairs between the two.
 Steps 2 and 4 cut the weight rows into chunks that the threads claim from a shared counter until none is
 left, each chunk the same rows of every active expert: it reads the same bytes whatever the routing, and
 in step 4 it owns its output rows, so the sum over experts needs no second pass. The first chunks (one
@@ -32,6 +34,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from dslocal.kernels.cpu import gemm
 from dslocal.kernels.cpu.rows import BYTE_DOT, XMAX8, activation_shapes, quantize_row, rows_dot
 from dslocal.kernels.experts import ExpertTensors
 
@@ -224,7 +227,7 @@ class LayerCall:
         P, F = ids.size, experts.ffn
         _, sd, ss = activation_shapes(T, D)
         h16, hd, hs = activation_shapes(P, F)
-        self.ids, self.out = ids, out_n
+        self.ids, self.out, self.experts = ids, out_n, experts
         self._inputs = (xn, ids, wts, experts.gate, experts.up, experts.down,
                          int(experts.gate_type), int(experts.up_type), int(experts.down_type))
         # x in 8 bits where a gate / up projection is a K-quant (its loops multiply bytes), in 11 bits where
@@ -238,12 +241,23 @@ class LayerCall:
                          np.empty(hs, np.int32), out_n)
 
     def __call__(self) -> np.ndarray:
-        """Run the layer on numba.get_num_threads() threads; returns out (numpy, shared with the buffer)."""
+        """Run the layer on numba.get_num_threads() threads; returns out (numpy, shared with the buffer).
+        Experts with GEMM_MIN_TOKENS tokens or more go through kernels/cpu/gemm.py instead (torch's own
+        threads), the rest through the row kernels."""
         global _compiled
         if not _compiled:
             _compile_notice()
             _compiled = True
-        _moe_layer(*self._inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
+        inputs, ids, many = self._inputs, self.ids, ()
+        if ids.shape[0] >= gemm.GEMM_MIN_TOKENS and gemm.enabled():
+            counts = np.bincount(ids[ids >= 0], minlength=self.experts.n_expert)
+            many = np.flatnonzero(counts >= gemm.GEMM_MIN_TOKENS)
+            if len(many):      # the row kernels see those pairs as computed elsewhere (-1)
+                inputs = (inputs[0], np.where(np.isin(ids, many), -1, ids)) + inputs[2:]
+        _moe_layer(*inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
+        if len(many):
+            x, wts = self._inputs[0], self._inputs[2]
+            gemm.add_experts(x, ids, wts, self.experts, many, self.out)
         return self.out
 
 
