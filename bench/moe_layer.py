@@ -28,6 +28,7 @@ import psutil
 import torch
 
 from dslocal.bench.dram import read_bandwidth
+from dslocal.kernels.cpu import gemm
 from dslocal.kernels.cpu.moe import moe_ffn
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import TYPE_INFO, GGMLType, parse_type
@@ -203,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{info['cpu']}: {info['physical_cores']} cores, {info['logical_cpus']} CPUs, "
           f"{info['memory_GiB']:.0f} GiB; {info['threads']} threads ({info['threading_layer']} layer), "
           f"numba {info['numba']}, torch {info['torch']}")
+    info["matrix_path"] = gemm.enabled()
+    print(f"experts with {gemm.GEMM_MIN_TOKENS}+ tokens in calls of {gemm.GEMM_MIN_CALL}+: "
+          + ("matrix products (kernels/cpu/gemm.py)" if info["matrix_path"] else
+             "row kernels (the matrix path is off: no AMX, or DSLOCAL_CPU_GEMM=0)"))
     print(f"DRAM read bandwidth: {dram['GB_per_s']:.1f} GB/s ({dram['bytes'] / 2**30:.0f} GiB, best of 5)\n")
     print(HEADER, flush=True)
     rng = np.random.default_rng(0)

@@ -41,8 +41,13 @@ from dslocal.kernels.cpu.blocks import BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q
 from dslocal.kernels.experts import ExpertTensors
 
 i32, u32, u64, f32 = np.int32, np.uint32, np.uint64, np.float32
-# Experts with at least this many tokens in a call take the matrix path; the rest the row kernels.
+# Experts with at least GEMM_MIN_TOKENS tokens in a call of at least GEMM_MIN_CALL tokens take the matrix
+# path; the rest the row kernels. Below 64 tokens an expert rarely gets 32, and on a GPU machine calls of
+# 64 tokens or more stream their experts to the GPU (offload/prefill.py), so the CPU worker that runs the
+# decode steps' layer jobs never starts torch's threads beside its own (kernels/cpu/NOTES.md, "In the whole model:
+# OpenMP teams").
 GEMM_MIN_TOKENS = 32
+GEMM_MIN_CALL = 64
 # Bytes of dequantized experts per group (see add_experts).
 GROUP_BYTES = 256 * 2**20
 # The path on (True) or off (False); None: on where the CPU has AMX, or as DSLOCAL_CPU_GEMM=1 / 0 says.

@@ -242,14 +242,14 @@ class LayerCall:
 
     def __call__(self) -> np.ndarray:
         """Run the layer on numba.get_num_threads() threads; returns out (numpy, shared with the buffer).
-        Experts with GEMM_MIN_TOKENS tokens or more go through kernels/cpu/gemm.py instead (torch's own
-        threads), the rest through the row kernels."""
+        In calls of gemm.GEMM_MIN_CALL tokens or more, experts with GEMM_MIN_TOKENS tokens or more go
+        through kernels/cpu/gemm.py instead (torch's own threads), the rest through the row kernels."""
         global _compiled
         if not _compiled:
             _compile_notice()
             _compiled = True
         inputs, ids, many = self._inputs, self.ids, ()
-        if ids.shape[0] >= gemm.GEMM_MIN_TOKENS and gemm.enabled():
+        if ids.shape[0] >= max(gemm.GEMM_MIN_CALL, gemm.GEMM_MIN_TOKENS) and gemm.enabled():
             counts = np.bincount(ids[ids >= 0], minlength=self.experts.n_expert)
             many = np.flatnonzero(counts >= gemm.GEMM_MIN_TOKENS)
             if len(many):      # the row kernels see those pairs as computed elsewhere (-1)

@@ -49,9 +49,10 @@ def test_only_experts_with_enough_tokens_take_the_matrix_path(monkeypatch):
     """One expert with many tokens, the rest with few: only that one goes to add_experts."""
     rng = np.random.default_rng(3)
     ex = experts(T_.Q4_K, rng)
-    T = gemm.GEMM_MIN_TOKENS + 5
+    T = max(gemm.GEMM_MIN_CALL, gemm.GEMM_MIN_TOKENS) + 5
     ids = np.stack([np.full(T, 2), rng.integers(0, 2, T)], axis=1).astype(np.int64)   # expert 2: every token
-    ids[-1, 0] = -1                                                                    # a pair computed elsewhere
+    ids[10:, 1] = -1          # experts 0 and 1 get at most 10 tokens; the other pairs are computed elsewhere
+    ids[-1, 0] = -1
     w = rng.random((T, 2), dtype=np.float32)
     x = rng.standard_normal((T, ex.hidden), dtype=np.float32)
     seen = []
