@@ -44,8 +44,8 @@ i32, u32, u64, f32 = np.int32, np.uint32, np.uint64, np.float32
 # Experts with at least GEMM_MIN_TOKENS tokens in a call of at least GEMM_MIN_CALL tokens take the matrix
 # path; the rest the row kernels. Below 64 tokens an expert rarely gets 32, and on a GPU machine calls of
 # 64 tokens or more stream their experts to the GPU (offload/prefill.py), so the CPU worker that runs the
-# decode steps' layer jobs never starts torch's threads beside its own (kernels/cpu/NOTES.md, "In the whole model:
-# OpenMP teams").
+# decode steps' layer jobs never starts torch's threads beside its own (see kernels/cpu/NOTES.md, "In the
+# whole model: OpenMP teams").
 GEMM_MIN_TOKENS = 32
 GEMM_MIN_CALL = 64
 # Bytes of dequantized experts per group (see add_experts).
@@ -160,7 +160,8 @@ def _q6_k(w, e, r, p, v, o, n):
             sc0 = d * f32(i32(_b(w, e, r, p + 192 + 8 * h + 2 * k) ^ 128) - 128)      # int8 scales
             sc1 = d * f32(i32(_b(w, e, r, p + 193 + 8 * h + 2 * k) ^ 128) - 128)
             for l in range(n):
-                q = ((_b(w, e, r, lo_at + l) >> shift) & 15) | (((_b(w, e, r, p + 128 + 32 * h + l) >> (2 * k)) & 3) << 4)
+                high = (_b(w, e, r, p + 128 + 32 * h + l) >> (2 * k)) & 3
+                q = ((_b(w, e, r, lo_at + l) >> shift) & 15) | (high << 4)
                 v[o + 128 * h + 32 * k + l] = (sc0 if l < 16 else sc1) * f32(i32(q) - 32)
 
 
@@ -192,7 +193,8 @@ def _q3_k(w, e, r, p, v, o, n):
             a0, a1 = d * _q3_k_scale(w, e, r, p, 8 * h + 2 * k), d * _q3_k_scale(w, e, r, p, 8 * h + 2 * k + 1)
             hb = 4 * h + k                 # the hmask bit of these values (inverted: 0 subtracts 4)
             for l in range(n):
-                q = i32((_b(w, e, r, p + 32 + 32 * h + l) >> (2 * k)) & 3) - 4 * i32(((_b(w, e, r, p + l) >> hb) & 1) ^ 1)
+                low = i32((_b(w, e, r, p + 32 + 32 * h + l) >> (2 * k)) & 3)
+                q = low - 4 * i32(((_b(w, e, r, p + l) >> hb) & 1) ^ 1)
                 v[o + 128 * h + 32 * k + l] = (a0 if l < 16 else a1) * f32(q)
 
 
