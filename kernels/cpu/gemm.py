@@ -161,7 +161,7 @@ def _q6_k(w, e, r, p, v, o, n):
             sc1 = d * f32(i32(_b(w, e, r, p + 193 + 8 * h + 2 * k) ^ 128) - 128)
             for l in range(n):
                 high = (_b(w, e, r, p + 128 + 32 * h + l) >> (2 * k)) & 3
-                q = ((_b(w, e, r, lo_at + l) >> shift) & 15) | (high << 4)
+                q = i32(((_b(w, e, r, lo_at + l) >> shift) & 15) | (high << 4))
                 v[o + 128 * h + 32 * k + l] = (sc0 if l < 16 else sc1) * f32(i32(q) - 32)
 
 
@@ -174,7 +174,7 @@ def _q2_k(w, e, r, p, v, o, n):
             a0, m0, a1, m1 = d * f32(s0 & 15), dmin * f32(s0 >> 4), d * f32(s1 & 15), dmin * f32(s1 >> 4)
             for l in range(n):
                 a, m = (a0, m0) if l < 16 else (a1, m1)
-                v[o + 128 * h + 32 * k + l] = a * f32((_b(w, e, r, p + 16 + 32 * h + l) >> (2 * k)) & 3) - m
+                v[o + 128 * h + 32 * k + l] = a * f32(i32((_b(w, e, r, p + 16 + 32 * h + l) >> (2 * k)) & 3)) - m
 
 
 @njit(inline="always")
@@ -194,7 +194,7 @@ def _q3_k(w, e, r, p, v, o, n):
             hb = 4 * h + k                 # the hmask bit of these values (inverted: 0 subtracts 4)
             for l in range(n):
                 low = i32((_b(w, e, r, p + 32 + 32 * h + l) >> (2 * k)) & 3)
-                q = low - 4 * i32(((_b(w, e, r, p + l) >> hb) & 1) ^ 1)
+                q = i32(low - i32(4) * i32(((_b(w, e, r, p + l) >> hb) & 1) ^ 1))
                 v[o + 128 * h + 32 * k + l] = (a0 if l < 16 else a1) * f32(q)
 
 
