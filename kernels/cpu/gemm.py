@@ -27,6 +27,7 @@ against the float32 reference (tests/kernels/test_moe.py), below the row kernels
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -38,6 +39,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from dslocal.kernels.cpu.blocks import BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0
+from dslocal.kernels.cpu.rows import _u32le
 from dslocal.kernels.experts import ExpertTensors
 
 i32, u32, u64, f32 = np.int32, np.uint32, np.uint64, np.float32
@@ -54,15 +56,17 @@ GROUP_BYTES = 256 * 2**20
 ENABLED: bool | None = None
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the kernel lists them (read once: enabled() runs at every long call)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split()[2:])
+                    return frozenset(line.split()[2:])
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def enabled() -> bool:
@@ -73,9 +77,6 @@ def enabled() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return "amx_bf16" in _cpu_flags()
-
-
-_BF16: bool | None = None   # whether the products run in bf16: the CPU has bf16 arithmetic (read once)
 
 
 # --- dequantization, one row at a time, into float32 then the output's type ------------------------------
@@ -224,13 +225,8 @@ def _q4_1(w, e, r, p, v, o, n):
 
 
 @njit(inline="always")
-def _qh(w, e, r, p):
-    return _b(w, e, r, p) | (_b(w, e, r, p + 1) << 8) | (_b(w, e, r, p + 2) << 16) | (_b(w, e, r, p + 3) << 24)
-
-
-@njit(inline="always")
 def _q5_0(w, e, r, p, v, o, n):
-    d, qh = _half(w, e, r, p), _qh(w, e, r, p + 2)
+    d, qh = _half(w, e, r, p), _u32le(w, e, r, p + 2)
     for l in range(n // 2):
         q = _b(w, e, r, p + 6 + l)
         v[o + l] = d * f32(i32((q & 15) | (((qh >> l) & 1) << 4)) - 16)
@@ -239,7 +235,7 @@ def _q5_0(w, e, r, p, v, o, n):
 
 @njit(inline="always")
 def _q5_1(w, e, r, p, v, o, n):
-    d, m, qh = _half(w, e, r, p), _half(w, e, r, p + 2), _qh(w, e, r, p + 4)
+    d, m, qh = _half(w, e, r, p), _half(w, e, r, p + 2), _u32le(w, e, r, p + 4)
     for l in range(n // 2):
         q = _b(w, e, r, p + 8 + l)
         v[o + l] = d * f32((q & 15) | (((qh >> l) & 1) << 4)) + m
@@ -253,7 +249,7 @@ def _row_f32(t, w, e, r, v, n32):
     n = v.shape[0]
     if t == F32:
         for l in range(n):
-            v[l] = _float_of_bits(_qh(w, e, r, 4 * l))
+            v[l] = _float_of_bits(_u32le(w, e, r, 4 * l))
     elif t == BF16:
         for l in range(n):
             v[l] = _float_of_bits((_b(w, e, r, 2 * l) << 16) | (_b(w, e, r, 2 * l + 1) << 24))
@@ -362,14 +358,12 @@ def add_experts(x: np.ndarray, ids: np.ndarray, wts: np.ndarray, experts: Expert
     against 17 ms of dequantizing and 18 ms of products timed apart). A group is one Numba call, then
     batched products (bmm) over its experts' tokens, padded to the group's largest count; experts are
     grouped in order of their token counts, so the padding stays small."""
-    global _BF16
-    if _BF16 is None:
-        _BF16 = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
     if not dequantize_experts.signatures:
         print("dslocal: compiling the CPU matrix path for long prompts, or loading it from Numba's disk cache...",
               file=sys.stderr, flush=True)
     types_ = (int(experts.gate_type), int(experts.up_type), int(experts.down_type))
-    bf16 = _BF16 and not {F32, F16, BF16} & set(types_)
+    # bf16 products where the CPU has bf16 arithmetic; float experts are not rounded further
+    bf16 = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()) and not {F32, F16, BF16} & set(types_)
     dtype, np_dtype = (torch.bfloat16, np.uint16) if bf16 else (torch.float32, np.float32)
     (T, D), K, F = x.shape, ids.shape[1], experts.ffn
     G = max(1, min(len(which), GROUP_BYTES // (3 * F * D * np.dtype(np_dtype).itemsize)))
