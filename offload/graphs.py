@@ -1,30 +1,33 @@
-"""Decode steps as CUDA graphs: the GPU work of one token, cut where the CPU experts take over.
+"""Decode steps as one CUDA graph, with the CPU experts' hand-offs inside it.
 
 A decode step launches a few hundred small kernels, and launching them from Python costs more than
 running them (README, Measured: 28 tokens/s with every expert on the GPU). DecodeGraphs captures the step
-once, as a chain of CUDA graphs cut at each MoE layer's hand-offs (offload/hybrid.py,
-OffloadedMoE._forward_in_graph_step):
+once and replays it per token. The CPU experts of each MoE layer are handed over inside the graph, through
+flags in pinned host memory (kernels/gpu/handoff.py; offload/hybrid.py, OffloadedMoE._forward_in_graph_step):
 
-    graph 0    embedding .. first MoE layer: attention, router, CPU experts' inputs -> pinned memory
-    host       event after the copies
-    graph 1    the layer's shared experts and GPU experts, launched; the host waits for the event and
-               computes the layer's CPU experts while the GPU runs graph 1
-    graph 2    CPU result <- pinned memory, sum, residual .. the next MoE layer's hand-off copies
-    ...        and last: final norm and head -> logits
+    GPU  embedding .. first MoE layer: attention, router; send: x, ids, weights -> pinned memory, flag
+    CPU                                 (the worker, spinning on the flag) the layer's CPU experts -> pinned
+    GPU  the layer's shared and GPU experts meanwhile; receive: waits for the CPU's flag, adds its result
+    GPU  residual .. the next MoE layer's send ...                   and last: final norm, head -> logits
 
-A replayed step runs whole on the CPU expert worker's thread, which launches the graphs and runs the layer
-jobs itself: the caller hands over once per token, not twice per layer. Each hand-over between threads
-is a sleep and a wake-up (26 us per layer measured for the result's way back alone, GPU box).
+The worker's thread launches the graph and then runs the layers one after another, each a compiled call
+that waits for its inputs' flag without returning to Python (kernels/cpu/moe.py LayerCall.synced): no
+launch, event or thread wake-up sits between the two sides. Each layer's flags are its own (one cache
+line each); their value is the step's number, which the host writes to a device tensor before the replay.
+(Before: a chain of graphs cut at each hand-off, the host waiting for an event and launching the next
+graph: decode 1.10-1.11x slower on the GPU box; README, Measured.)
 
 The token id and the position are fixed device tensors, the latent cache is written at the device-side
 position (runtime/model.py) and MLA decode reads a device-side length (kernels/gpu/mla.py), so one capture
 serves every position. The first step runs eagerly through the same code (it compiles the Triton kernels
-and gives that step's logits), then the capture follows.
+and gives that step's logits; its hand-offs are host copies and the worker's submit / wait), then the
+capture follows.
 """
 from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 from dslocal.kernels.cpu.moe import LayerCall
@@ -32,9 +35,11 @@ from dslocal.offload.cpu_worker import ExpertWorker
 from dslocal.offload.hybrid import OffloadedMoE
 from dslocal.runtime.model import DeepSeek, LatentCache
 
+FLAG_STRIDE = 8      # int64s between flags: each in a 64-byte cache line of its own
+
 
 class DecodeGraphs:
-    """One token's forward pass over the latent cache, captured as CUDA graphs and replayed per step."""
+    """One token's forward pass over the latent cache, captured as a CUDA graph and replayed per step."""
 
     def __init__(self, model: DeepSeek, cache: LatentCache, worker: ExpertWorker | None, device):
         self.model, self.cache, self.worker = model, cache, worker
@@ -42,18 +47,50 @@ class DecodeGraphs:
         self.moes = [b.ffn for b in model.layers if isinstance(b.ffn, OffloadedMoE)]
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)   # the step's inputs
         self.pos = torch.zeros((), dtype=torch.long, device=self.device)
-        self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.after: list[tuple[str, OffloadedMoE] | None] = []   # what the host does after each graph
-        self.logits: torch.Tensor | None = None                  # the last graph's output (V,)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None                  # the graph's output (V,)
+        self.handoffs: list[OffloadedMoE] = []   # the layers that hand experts to the CPU, in step order
+        self.steps = 0                           # replays so far: the flags' value in the last one
+        self._step = torch.zeros(1, dtype=torch.long, device=self.device)
+        # flags: ready (GPU -> CPU) and done (CPU -> GPU) per hand-off, then abort
+        self._sync = torch.zeros(FLAG_STRIDE * (2 * len(self.moes) + 1), dtype=torch.long,
+                                 pin_memory=worker is not None)
         self._buffers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._calls: dict[int, LayerCall] = {}      # each layer's CPU experts on its fixed buffers
-        self._ready: dict[int, torch.cuda.Event] = {}   # each layer's event after its hand-off copies
         self._capturing = False
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._pool = None
 
     # -- called by OffloadedMoE while a step runs or is captured ----------------------------------------
-    def buffers(self, moe: OffloadedMoE, T: int, K: int) -> tuple[torch.Tensor, ...]:
+    def send(self, moe: OffloadedMoE, xf: torch.Tensor, cpu_ids: torch.Tensor, w: torch.Tensor) -> None:
+        """Hand the layer's CPU experts their inputs: xf (T, D) f32, cpu_ids and w (T, K)."""
+        x_host, ids_host, w_host, _ = self._layer_buffers(moe, *cpu_ids.shape)
+        if self._capturing:
+            from dslocal.kernels.gpu import handoff
+            j = self.handoffs.index(moe)
+            handoff.send(xf, cpu_ids, w, x_host, ids_host, w_host, self._sync, self._flag(j, "ready"), self._step)
+            return
+        if moe in self.handoffs:
+            raise RuntimeError("a decode step handed the same layer to the CPU twice")
+        self.handoffs.append(moe)
+        x_host.copy_(xf, non_blocking=True)       # fp32 on both sides: a plain copy, no conversion kernel
+        ids_host.copy_(cpu_ids, non_blocking=True)
+        w_host.copy_(w, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self.worker.submit_call(self._calls[id(moe)], ready)
+
+    def receive(self, moe: OffloadedMoE, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """y (T, D) f32, the GPU's share of the layer, plus the CPU experts' result, as dtype."""
+        out_host = self._buffers[id(moe)][3]
+        if self._capturing:
+            from dslocal.kernels.gpu import handoff
+            j = self.handoffs.index(moe)
+            return handoff.receive(y, out_host, self._sync, self._flag(j, "done"), self._flag(0, "abort"),
+                                   self._step, dtype)
+        self.worker.wait()
+        y += out_host.to(y.device, non_blocking=True)
+        return y.to(dtype)
+
+    def _layer_buffers(self, moe: OffloadedMoE, T: int, K: int) -> tuple[torch.Tensor, ...]:
         """The layer's fixed pinned hand-off buffers: x (T, D), ids (T, K), weights (T, K), result (T, D)."""
         if id(moe) not in self._buffers:
             D = moe.experts.hidden
@@ -61,28 +98,23 @@ class DecodeGraphs:
                 ((T, D), torch.float32), ((T, K), torch.long), ((T, K), torch.float32), ((T, D), torch.float32)))
             self._buffers[id(moe)] = buffers
             self._calls[id(moe)] = LayerCall(*buffers[:3], moe.experts, out=buffers[3])
-            self._ready[id(moe)] = torch.cuda.Event()
         return self._buffers[id(moe)]
 
-    def cut(self, action: tuple[str, OffloadedMoE]) -> None:
-        """A hand-off point: do it now (eager step), or end the graph being captured and start the next."""
-        if self._capturing:
-            self._graph.capture_end()
-            self.graphs.append(self._graph)
-            self.after.append(action)
-            self._graph = torch.cuda.CUDAGraph()
-            self._graph.capture_begin(pool=self._pool)
-        else:
-            self._host(action)
+    def _flag(self, j: int, kind: str) -> int:
+        """Index in the flags of hand-off j's "ready" or "done" flag, or of the one "abort" flag."""
+        if kind == "abort":
+            return FLAG_STRIDE * 2 * len(self.moes)
+        return FLAG_STRIDE * (2 * j + (kind == "done"))
 
-    def _host(self, action: tuple[str, OffloadedMoE]) -> None:
-        kind, moe = action
-        if kind == "submit":
-            ready = torch.cuda.Event()
-            ready.record()
-            self.worker.submit_call(self._calls[id(moe)], ready)
-        else:
-            self.worker.wait()
+    def timeline(self) -> list[tuple[float, float]]:
+        """For the last replayed step, per hand-off j: (us the GPU worked since the previous hand-off's
+        answer (since hand-off 0's own send for j = 0), us from the send to the answer seen: the CPU
+        layer plus both flags' way), from the GPU clock the hand-off kernels leave beside their flags."""
+        sync = self._sync.numpy()
+        send = [int(sync[self._flag(j, "ready") + 1]) for j in range(len(self.handoffs))]
+        seen = [int(sync[self._flag(j, "done") + 1]) for j in range(len(self.handoffs))]
+        return [((send[j] - seen[j - 1]) / 1e3 if j else 0.0, (seen[j] - send[j]) / 1e3)
+                for j in range(len(send))]
 
     # -- the step ---------------------------------------------------------------------------------------
     def _forward(self) -> torch.Tensor:
@@ -106,57 +138,62 @@ class DecodeGraphs:
         """Logits (V,) of `token` at position `pos`, its latent appended to the cache."""
         self.token.fill_(token)
         self.pos.fill_(pos)
-        if not self.graphs:
+        if self.graph is None:
+            self.handoffs = []
             logits = self._forward().clone()       # eager: compiles the kernels, and is this step's answer
             self._capture()
             return logits
-        if not self.after:                  # no CPU experts in the step: one graph
-            self.graphs[0].replay()
-        else:
-            stream = torch.cuda.current_stream(self.device)
-            self.worker.submit_call(lambda: self._replay(stream))
-            self.worker.wait()            # after Ctrl-C it lets the step finish (~15 ms), then raises
+        if not self.handoffs:                      # no CPU experts in the step
+            self.graph.replay()
+            return self.logits.clone()
+        self.steps += 1
+        self._step.fill_(self.steps)
+        stream = torch.cuda.current_stream(self.device)
+        self.worker.submit_call(lambda: self._replay(stream, self.steps))
+        self.worker.wait()            # after Ctrl-C it lets the step finish (~15 ms), then raises
+        if int(self._sync[self._flag(0, "abort")]) >= self.steps:
+            torch.cuda.synchronize(self.device)
+            raise RuntimeError("a decode step's hand-off between the GPU and the CPU experts timed out")
         return self.logits.clone()
 
-    def _replay(self, stream: torch.cuda.Stream) -> None:
-        """The captured step, run on the worker's thread: each layer's CPU job right after the launch of
-        the graph that computes the GPU's share of the layer, so both sides work at once."""
+    def _replay(self, stream: torch.cuda.Stream, n: int) -> None:
+        """Step n, run on the worker's thread: launch the graph, then each layer's CPU experts as their
+        inputs arrive. If a layer fails, the abort flag lets the GPU finish the step without them."""
+        sync = self._sync.numpy()
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
-            job = None
-            for graph, action in zip(self.graphs, self.after + [None]):
-                graph.replay()
-                if job is not None:
-                    ready, call = job
-                    ready.synchronize()    # the inputs' copies have landed
-                    call()
-                    job = None
-                if action is not None and action[0] == "submit":    # "wait": the job ran above
-                    ready = self._ready[id(action[1])]
-                    ready.record(stream)
-                    job = ready, self._calls[id(action[1])]
+            self.graph.replay()
+        try:
+            for j, moe in enumerate(self.handoffs):
+                if not self._calls[id(moe)].synced(sync, self._flag(j, "ready"), self._flag(j, "done"),
+                                                   self._flag(0, "abort"), n):
+                    return                 # the GPU gave the step up (a receive timed out)
+        except BaseException:
+            sync[self._flag(0, "abort")] = n
+            raise
 
     def _capture(self) -> None:
         torch.cuda.synchronize(self.device)
-        self._pool = torch.cuda.graph_pool_handle()
+        if self.handoffs:      # compile (or load) the synced layer now: a first replay must not wait for it
+            self._calls[id(self.handoffs[0])].synced(np.array([0, 1], np.int64), 0, 0, 1, 1)
+        pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)          # graphs are captured on a stream of their own
         side.wait_stream(torch.cuda.current_stream(self.device))
         self._capturing = True
+        graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
-                self._graph = torch.cuda.CUDAGraph()
-                self._graph.capture_begin(pool=self._pool)
+                graph.capture_begin(pool=pool)
                 self.logits = self._forward()
-                self._graph.capture_end()
-                self.graphs.append(self._graph)
+                graph.capture_end()
         except BaseException:
-            self.graphs, self.after = [], []
             try:
-                self._graph.capture_end()      # leave the stream out of capture mode
+                graph.capture_end()      # leave the stream out of capture mode
             except RuntimeError:
-                pass                           # the runtime already ended the failed capture
+                pass                     # the runtime already ended the failed capture
             raise
         finally:
             self._capturing = False
+        self.graph = graph
         torch.cuda.current_stream(self.device).wait_stream(side)
 
 

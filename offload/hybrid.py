@@ -133,20 +133,11 @@ class OffloadedMoE(nn.Module):
 
     def _forward_in_graph_step(self, x: torch.Tensor, xf: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                                cpu_ids: torch.Tensor) -> torch.Tensor:
-        """The same layer as a decode step captured by offload/graphs.py sees it: the inputs of the CPU
-        experts are copied into fixed pinned buffers, the step is cut there (the host starts the CPU job),
-        the GPU's own experts form the next piece, the step is cut again (the host waits for the CPU), and
-        the CPU result is copied back from its fixed buffer."""
-        step = self.graph_step
-        x_host, ids_host, w_host, out_host = step.buffers(self, x.shape[0], ids.shape[1])
-        x_host.copy_(xf, non_blocking=True)       # fp32 on both sides: a plain copy, no conversion kernel
-        ids_host.copy_(cpu_ids, non_blocking=True)
-        w_host.copy_(w, non_blocking=True)
-        step.cut(("submit", self))
+        """The same layer as a decode step of offload/graphs.py runs it: the CPU experts' inputs handed
+        over, the GPU's own experts computed meanwhile, the CPU's result added when it is there."""
+        self.graph_step.send(self, xf, cpu_ids, w)
         y = self._gpu_part(x, ids, w)
-        step.cut(("wait", self))
-        y += out_host.to(x.device, non_blocking=True)
-        return y.to(x.dtype)
+        return self.graph_step.receive(self, y, x.dtype)
 
 
 def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: str | torch.device,

@@ -3,7 +3,7 @@
 Letters: T tokens, D hidden, K experts per token, E experts, F expert ffn, P = T * K (token, expert) pairs.
 
 One call does, with the pairs grouped by expert and experts without tokens skipped:
-  1. quantize x to 11-bit integers, blocks of 256 (cpu/rows.py)    parallel over tokens
+  1. quantize x to 11-bit integers, blocks of 256 (cpu/rows.py)    parallel over tokens (a few: serial)
   2. h = silu(gate x) * up x for every pair                         parallel over row ranges of F
   3. quantize h                                                     parallel over pairs
   4. out[t] = sum_k w * down h                                      parallel over row ranges of D
@@ -26,12 +26,15 @@ are cores left free by the caller's own threads.
 from __future__ import annotations
 
 import sys
+import time
 
+import llvmlite.binding as llb
 import numba
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from dslocal.kernels.cpu import gemm
@@ -45,6 +48,8 @@ GATE_UP_8BIT = True  # K-quant gate / up projections on 8-bit activations (rows.
 # SMALL_CHUNKS chunks per thread (see the module's docstring); read at each call
 FIRST_SHARE = 75
 SMALL_CHUNKS = 4
+SERIAL_QUANTIZE = 4  # calls of up to this many tokens quantize x in the calling thread (decode: one token)
+SPINS = 1 << 20      # polls of its flag per compiled call of LayerCall.synced (~0.1-0.3 s), then Python looks again
 
 
 @intrinsic
@@ -57,6 +62,41 @@ def _claim(typingctx, counter, i):
             at = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
             return builder.atomic_rmw("add", at, ir.Constant(ir.IntType(64), 1), "monotonic")
         return types.int64(counter, i), codegen
+
+
+@intrinsic
+def _load_acquire(typingctx, a, i):
+    """a[i] of an int64 array, read as an acquire load: a flag another thread or the GPU sets after writing
+    the data it guards (a plain load in a loop may be read once and kept in a register)."""
+    if isinstance(a, types.Array) and a.dtype == types.int64 and a.layout == "C":
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            at = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+            return builder.load_atomic(at, "acquire", 8)
+        return types.int64(a, i), codegen
+
+
+@intrinsic
+def _store_release(typingctx, a, i, v):
+    """a[i] = v as a release store: everything written before it is seen by whoever reads the flag."""
+    if isinstance(a, types.Array) and a.dtype == types.int64 and a.layout == "C":
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            at = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+            builder.store_atomic(context.cast(builder, args[2], sig.args[2], types.int64), at, "release", 8)
+            return context.get_dummy_value()
+        return types.none(a, i, v), codegen
+
+
+@intrinsic
+def _pause(typingctx):
+    """x86's pause, the spin-wait hint (a no-op elsewhere)."""
+    def codegen(context, builder, sig, args):
+        if llb.get_process_triple().startswith("x86_64"):
+            builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                        "llvm.x86.sse2.pause"), [])
+        return context.get_dummy_value()
+    return types.none(), codegen
 
 
 @njit(cache=True, nogil=True)
@@ -144,6 +184,16 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
                     out[t, d0 + j] += wt * res[i, j]
 
 
+@njit(inline="always")
+def _quantize_x(x, t, x16, xd, xs, x8q):
+    """Row t of x in 11 bits and / or in 8 bits, as the layer's projections need (buffers of no rows: not)."""
+    x8, xd8, xs8 = x8q
+    if x16.shape[0]:
+        quantize_row(x, t, x16, xd, xs)
+    if x8.shape[0]:
+        quantize_row(x, t, x8, xd8, xs8, XMAX8)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
                h, h16, hd, hs, out):
@@ -158,11 +208,12 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
     x8, xd8, xs8 = x8q
     h8q = (x8[:0], xd8[:0], xs8[:0])        # no rows: the down projection's input keeps 11 bits
     claimed = np.zeros(16, np.int64)        # chunks handed out in step 2 (at 0) and step 4 (at 8: own cache line)
-    for t in prange(T):
-        if x16.shape[0]:
-            quantize_row(x, t, x16, xd, xs)
-        if x8.shape[0]:
-            quantize_row(x, t, x8, xd8, xs8, XMAX8)
+    if T > SERIAL_QUANTIZE:
+        for t in prange(T):
+            _quantize_x(x, t, x16, xd, xs, x8q)
+    else:        # a few rows: cheaper in this thread than a parallel step (one fork / join, ~8 us)
+        for t in range(T):
+            _quantize_x(x, t, x16, xd, xs, x8q)
     for step in range(2):
         # one prange for both weight steps: Numba compiles each prange into a function of its own, and the
         # heavy kernels then once instead of twice (the first compile takes ~25 s less)
@@ -181,6 +232,25 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
         if step == 0:
             for p in prange(pair_tok.shape[0]):
                 quantize_row(h, p, h16, hd, hs)
+
+
+@njit(cache=True, nogil=True)
+def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu, td, n_threads,
+                  first_share, small_per_thread, x8q, x16, xd, xs, h, h16, hd, hs, out):
+    """_moe_layer once sync[i_ready] >= step (the inputs' writer sets it after the inputs), then
+    sync[i_done] = step. Returns 1 when the layer ran, 0 when `spins` polls went by without the flag, -1 when
+    sync[i_abort] >= step (the other side gave the step up). All three flags are int64 in one array."""
+    while _load_acquire(sync, i_ready) < step:
+        if _load_acquire(sync, i_abort) >= step:
+            return -1
+        spins -= 1
+        if spins <= 0:
+            return 0
+        _pause()
+    _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
+               h, h16, hd, hs, out)
+    _store_release(sync, i_done, step)
+    return 1
 
 
 _compiled = False
@@ -259,6 +329,28 @@ class LayerCall:
             x, wts = self._inputs[0], self._inputs[2]
             gemm.add_experts(x, ids, wts, self.experts, many, self.out)
         return self.out
+
+    def synced(self, sync: np.ndarray, i_ready: int, i_done: int, i_abort: int, step: int,
+               timeout: float = 60.0) -> bool:
+        """Run the layer when sync[i_ready] reaches step (its inputs written; by a GPU kernel in the decode
+        step of offload/graphs.py), then set sync[i_done] = step, without returning to Python in between.
+        The flags are int64 in one array (pinned host memory when a GPU writes or reads them). Returns
+        False, without running, if sync[i_abort] reaches step first; raises TimeoutError after `timeout`
+        seconds without either. The row kernels only: a decode step's layers have one token."""
+        global _compiled
+        if not _compiled:
+            _compile_notice()
+            _compiled = True
+        deadline = None
+        while True:
+            ran = _synced_layer(sync, i_ready, i_done, i_abort, step, SPINS, *self._inputs, numba.get_num_threads(),
+                                FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
+            if ran:
+                return ran > 0
+            now = time.monotonic()
+            deadline = deadline or now + timeout
+            if now > deadline:
+                raise TimeoutError(f"the inputs of a CPU expert layer did not arrive within {timeout:g} s")
 
 
 def _numpy(a, dtype, name: str) -> np.ndarray:

@@ -206,6 +206,34 @@ def test_a_layer_call_reads_its_buffers_anew_each_time():
         cpu.LayerCall(x, ids, w, ex, np.zeros((T, 255), np.float32))
 
 
+def test_a_synced_layer_call_waits_for_its_flag_and_sets_its_own(monkeypatch):
+    """LayerCall.synced (the decode step's hand-off, offload/graphs.py): runs only once the ready flag holds
+    the step's number, then sets the done flag; an abort flag or a timeout ends the wait without running."""
+    import threading
+    import time
+    rng = np.random.default_rng(6)
+    ex = experts_of(T_.Q4_K, 256, 96, rng, down=T_.Q5_0)
+    x = rng.standard_normal((1, 256), dtype=np.float32)
+    ids, w = routing(1, 4, rng)
+    call = cpu.LayerCall(x, ids, w, ex)
+    want = call().copy()
+    call.out[:] = 0
+    sync = np.zeros(24, np.int64)             # ready at 0, done at 8, abort at 16, as offload/graphs.py spaces them
+    monkeypatch.setattr(cpu, "SPINS", 1000)   # back in Python often: the timeout path is taken too
+    writer = threading.Timer(0.2, lambda: sync.__setitem__(0, 5))
+    writer.start()
+    t0 = time.monotonic()
+    assert call.synced(sync, 0, 8, 16, 5)
+    writer.join()
+    assert time.monotonic() - t0 >= 0.15 and sync[8] == 5 and np.array_equal(call.out, want)
+    call.out[:] = 0
+    sync[16] = 6                               # given up: no run, done untouched
+    assert not call.synced(sync, 0, 8, 16, 6) and sync[8] == 5 and not call.out.any()
+    with pytest.raises(TimeoutError, match="did not arrive"):
+        call.synced(sync, 0, 8, 16, 7, timeout=0.2)
+    assert sync[8] == 5 and not call.out.any()
+
+
 @pytest.mark.parametrize("share, small", [(0, 1), (50, 64), (100, 4)])
 def test_any_cut_into_chunks_gives_the_same_bits(monkeypatch, share, small):
     """Threads claim chunks of weight rows (moe.py FIRST_SHARE / SMALL_CHUNKS); every row's dot is the same

@@ -166,7 +166,9 @@ def test_decode_steps_replayed_as_cuda_graphs_give_the_reference_tokens(nano, re
                     logits = step(got[-1], len(prompt) + i)
             assert got == reference_tokens[p], (p, tok.decode(got))
             n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layer))
-            assert step.graphs is not None and len(step.graphs.graphs) == (2 * n_moe + 1 if worker else 1)
+            assert step.graphs is not None and step.graphs.graph is not None
+            assert len(step.graphs.handoffs) == (n_moe if worker else 0)     # one hand-off per MoE layer
+            assert step.graphs.steps == (N - 1 if worker else 0)             # every step after the first replayed
     finally:
         if worker is not None:
             worker.close()

@@ -1,0 +1,119 @@
+"""The decode step's hand-offs between the GPU and the CPU expert worker, through flags in pinned host memory.
+
+A CUDA graph cannot wait for the host, and a host that waits for an event, runs the CPU experts and then
+launches the next graph puts a launch and a wake-up on the critical path of every MoE layer (~30 us per
+layer on the GPU box). Instead the whole decode step is one graph (offload/graphs.py), and the two sides
+meet at int64 flags in pinned host memory, which the GPU reads and writes directly (pinned memory is mapped
+into the device's address space):
+
+    send     GPU: x, ids, weights -> pinned buffers; fence; sync[ready] = step
+    CPU      waits for sync[ready] >= step, runs the layer (kernels/cpu/moe.py LayerCall.synced),
+             result -> pinned buffer, sync[done] = step
+    receive  GPU: waits for sync[done] >= step, fence, z = y + result (the GPU's own share plus the CPU's)
+
+`step` is a device int64 that the host sets before each replay, so one graph serves every step and no flag
+is ever reset. Beside each flag (index + 1) the GPU leaves its clock (%globaltimer, ns) at the moment it
+set the ready flag or saw the done flag: offload/graphs.py reads them for `DecodeGraphs.timeline()`.
+sync[abort] >= step gives the step up: the CPU side sets it when its layer fails, a receive sets it after
+TIMEOUT_S without an answer, so a failure ends the step (with a wrong result, which the host then
+refuses) instead of hanging the GPU. One program of four warps per call: a decode step hands over one
+token's D values, and the spinning takes one SM while the GPU's own experts run beside it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TIMEOUT_S = 60.0    # a receive that waits longer sets the abort flag and goes on
+BLOCK = 1024
+
+
+@triton.jit
+def _fence_sys():
+    """fence.sc.sys: this thread's memory operations before it are seen by the host before those after
+    it. Returns 0, to be added to a value stored after it (which keeps the compiler from moving the fence)."""
+    return tl.inline_asm_elementwise("fence.sc.sys;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _now_ns():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N, NK,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x (N,) f32, ids (NK,) int64, w (NK,) f32 copied to their host buffers, then sync[i_ready] = step."""
+    o = tl.arange(0, BLOCK_N)
+    for start in range(0, N, BLOCK_N):
+        m = start + o < N
+        tl.store(p_xh + start + o, tl.load(p_x + start + o, mask=m), mask=m)
+    o_k = tl.arange(0, BLOCK_K)
+    m_k = o_k < NK
+    tl.store(p_idsh + o_k, tl.load(p_ids + o_k, mask=m_k), mask=m_k)
+    tl.store(p_wh + o_k, tl.load(p_w + o_k, mask=m_k), mask=m_k)
+    tl.store(p_sync + i_ready + 1, _now_ns())     # when, for profiles (the flag's cache line has room)
+    zero = _fence_sys()          # each thread's stores reach the host before ...
+    tl.debug_barrier()           # ... every thread has fenced before ...
+    tl.store(p_sync + i_ready, tl.load(p_step) + zero)     # ... the flag
+
+
+@triton.jit
+def _receive_kernel(p_y, p_outh, p_z, p_sync, p_step, i_done, i_abort, N, timeout_ns, BLOCK_N: tl.constexpr):
+    """Once sync[i_done] >= step (or sync[i_abort] >= step): z = y + out (N,), out read from host memory."""
+    step = tl.load(p_step)
+    done = tl.load(p_sync + i_done, volatile=True)
+    abort = tl.load(p_sync + i_abort, volatile=True)
+    t0 = _now_ns()
+    t = t0
+    while (done < step) & (abort < step) & (t - t0 < timeout_ns):
+        done = tl.load(p_sync + i_done, volatile=True)
+        abort = tl.load(p_sync + i_abort, volatile=True)
+        t = _now_ns()
+    if (done < step) & (abort < step):
+        tl.store(p_sync + i_abort, step)         # timed out: later receives of this step do not wait
+    tl.store(p_sync + i_done + 1, t)             # when the answer was seen, for profiles
+    zero = _fence_sys()                          # the result's loads after the flag's
+    o = tl.arange(0, BLOCK_N)
+    for start in range(0, N, BLOCK_N):
+        m = start + o < N
+        b_out = tl.load(p_outh + start + o + zero, mask=m, volatile=True)
+        b_y = tl.load(p_y + start + o, mask=m)
+        tl.store(p_z + start + o, (b_y + b_out).to(p_z.dtype.element_ty), mask=m)
+
+
+def _check_host(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cpu" or not t.is_pinned() or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous tensor in pinned host memory")
+
+
+def send(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_host: torch.Tensor, ids_host: torch.Tensor,
+         w_host: torch.Tensor, sync: torch.Tensor, i_ready: int, step: torch.Tensor) -> None:
+    """Copy x (M, D) f32, ids (M, K) int64 and w (M, K) f32 from the GPU into their pinned host buffers
+    (same shapes and dtypes), then set sync[i_ready] = step[0] (sync: pinned int64, step: int64 on x's device)."""
+    for t, host, dtype, name in ((x, x_host, torch.float32, "x"), (ids, ids_host, torch.int64, "ids"),
+                                 (w, w_host, torch.float32, "w")):
+        if t.dtype != dtype or host.dtype != dtype or t.shape != host.shape or not t.is_contiguous():
+            raise ValueError(f"send needs {name} and its host buffer as contiguous {dtype} of one shape")
+        _check_host(host, f"the host buffer of {name}")
+    _check_host(sync, "sync")
+    K = ids.numel()
+    _send_kernel[(1,)](x, ids, w, x_host, ids_host, w_host, sync, step, i_ready, x.numel(), K,
+                       BLOCK_N=BLOCK, BLOCK_K=max(16, triton.next_power_of_2(K)), num_warps=4)
+
+
+def receive(y: torch.Tensor, out_host: torch.Tensor, sync: torch.Tensor, i_done: int, i_abort: int,
+            step: torch.Tensor, dtype: torch.dtype, timeout_s: float = TIMEOUT_S) -> torch.Tensor:
+    """Wait on the GPU for sync[i_done] >= step[0], then return y + out_host as dtype: y (M, D) f32 on the
+    GPU, out_host (M, D) f32 pinned. Gives up after timeout_s (sets sync[i_abort]; the sum is then wrong)."""
+    if y.dtype != torch.float32 or out_host.dtype != torch.float32 or y.shape != out_host.shape \
+            or not y.is_contiguous():
+        raise ValueError("receive needs y and its host result as contiguous float32 of one shape")
+    _check_host(out_host, "the host result")
+    _check_host(sync, "sync")
+    z = torch.empty(y.shape, dtype=dtype, device=y.device)
+    _receive_kernel[(1,)](y, out_host, z, sync, step, i_done, i_abort, y.numel(), int(timeout_s * 1e9),
+                          BLOCK_N=BLOCK, num_warps=4)
+    return z
