@@ -14,25 +14,29 @@ one decode step"):
 
 A pair (token, expert) is computed on exactly one side: the other side sees its id as -1. The token
 embedding and the output head live where the plan says; the latent cache is on the GPU. With the device
-"cpu" the same code runs everything on the CPU (torch for attention, Numba for experts): the CPU-only mode,
-and the way tests exercise every placement without a GPU.
+"cpu" the same code runs everything on the CPU (torch for attention, Numba for experts, and for the linear
+layers of a decode step, which read their GGUF blocks: BlockLinear): the CPU-only mode, and the way tests
+exercise every placement without a GPU.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from dslocal.kernels.cpu import linear as cpu_linear
 from dslocal.kernels.cpu import moe as cpu_moe
 from dslocal.kernels.experts import ExpertTensors, from_gguf
 from dslocal.offload.cpu_worker import ExpertWorker
 from dslocal.offload.planner import Placement, gpu_bytes
 from dslocal.offload.prefill import STREAM_MIN_TOKENS, ExpertStreamer
+from dslocal.quant.ggml import GGMLType
 from dslocal.quant.gguf_file import GGUFFile
 from dslocal.runtime.config import ModelConfig
-from dslocal.runtime.model import DeepSeek, MoE, fused
-from dslocal.runtime.weights import load_model
+from dslocal.runtime.model import DeepSeek, Linear, MoE, fused
+from dslocal.runtime.weights import gguf_names, load_model
 
 
 class OnDevice(nn.Module):
@@ -45,6 +49,46 @@ class OnDevice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x.to(self.device)).to(self.out_device)
+
+
+class BlockLinear(nn.Module):
+    """A linear layer of a model run on the CPU that reads its GGUF blocks for a decode step's few rows
+    (kernels/cpu/linear.py: a Q4_K weight is 7x fewer bytes per token than its float32 copy) and keeps the
+    float copy for longer inputs (prompts, where torch's matrix products on it are faster) and for autograd."""
+
+    def __init__(self, dense: Linear, blocks: np.ndarray, ggml_type: GGMLType):
+        super().__init__()
+        if blocks.shape[0] != dense.out_features:
+            raise ValueError(f"{blocks.shape[0]} rows of blocks for a layer of {dense.out_features} outputs")
+        self.dense, self.blocks, self.ggml_type = dense, blocks, ggml_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type != "cpu" or not 0 < rows <= cpu_linear.MAX_ROWS or (x.requires_grad and
+                                                                               torch.is_grad_enabled()):
+            return self.dense(x)
+        y = cpu_linear.linear(x.detach().reshape(rows, -1).float().numpy(), self.blocks, self.ggml_type)
+        return torch.from_numpy(y).to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def use_blocks(model: DeepSeek, f: GGUFFile, cfg: ModelConfig) -> int:
+    """Give every linear layer of a model on the CPU its GGUF blocks (BlockLinear); returns how many."""
+    modules = dict(model.named_modules())
+    n = 0
+    for pname, gname in gguf_names(cfg).items():
+        owner_name, _, attr = pname.rpartition(".")
+        dense = modules.get(owner_name)
+        if attr != "weight" or type(dense) is not Linear:
+            continue
+        if gname not in f.tensors and gname == "output.weight":
+            gname = "token_embd.weight"                   # a head tied to the embedding
+        if gname not in f.tensors:
+            continue
+        parent_name, _, child = owner_name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, BlockLinear(dense, f.raw(gname), f.tensors[gname].ggml_type))
+        n += 1
+    return n
 
 
 class OffloadedMoE(nn.Module):
@@ -147,8 +191,9 @@ def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: 
     Attention, norms, routers, shared experts and dense layers are dequantized to dtype on the device; the
     embedding and the head go where the plan put them; routed experts stay in the file's blocks (CPU) or
     are copied to the device (GPU ids of each layer); on a CUDA device, with stream_prefill, long prompts
-    bring the CPU experts to the GPU in units (offload/prefill.py). The file must stay open while the
-    model is used: the CPU experts are views of its memory map.
+    bring the CPU experts to the GPU in units (offload/prefill.py); on the CPU, linear layers also keep
+    their blocks for decode steps (BlockLinear). The file must stay open while the model is used: the CPU
+    experts and blocks are views of its memory map.
     """
     gpu = torch.device(device)
     cpu = torch.device("cpu")
@@ -170,6 +215,8 @@ def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: 
             block.ffn = OffloadedMoE(block.ffn, from_gguf(f, i), placement.layers[i].gpu_experts, gpu, worker)
     if stream_prefill and gpu.type == "cuda":
         attach_streamer(model, gpu)
+    if gpu.type == "cpu":
+        use_blocks(model, f, cfg)
     return model.eval()
 
 

@@ -13,7 +13,7 @@ import torch
 from dslocal.gui import cli
 from dslocal.offload import hotness
 from dslocal.offload.cpu_worker import ExpertWorker
-from dslocal.offload.hybrid import OffloadedMoE, load_offloaded, routing_counts
+from dslocal.offload.hybrid import BlockLinear, OffloadedMoE, load_offloaded, routing_counts
 from dslocal.offload.place import Placing, _calibrate, replace_gpu_experts
 from dslocal.offload.planner import Budget, Hardware, ModelShape, plan
 from dslocal.quant.gguf_file import open_gguf
@@ -73,6 +73,8 @@ def test_every_placement_gives_the_reference_tokens(nano, reference_tokens, gree
         model = load_offloaded(f, cfg, placement, device, torch.float32, worker)
         moes = [b.ffn for b in model.layers if isinstance(b.ffn, OffloadedMoE)]
         assert moes and all(m.n_gpu == (gpu_experts or 0) for m in moes)
+        # on the CPU every linear layer (attention, shared experts, dense FFN, head) decodes from its blocks
+        assert isinstance(model.head, BlockLinear) == (device == "cpu")
         for p in prompts:
             got = greedy.dslocal(model, cfg, tok.encode(p), n, device)
             want = reference_tokens[p][:n]
