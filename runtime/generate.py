@@ -79,6 +79,17 @@ class Engine:
         return self.model.next_logits(torch.tensor([tokens], dtype=torch.long, device=self.device), self.cache, start)
 
     @torch.inference_mode()
+    def _prefill(self, tokens: list[int], start: int) -> torch.Tensor:
+        """tokens into the cache from position start, and the logits of the last: the ones before it in
+        one pass, the last as a one-token step. So the first sampled token's logits come from the same
+        computation whether or not the prompt's start was cached: a placed model's one-token step may
+        round differently from its batched pass (CPU linear layers on GGUF blocks, CUDA graphs), and a
+        seed must give the same text on a reused conversation as on a fresh one."""
+        if len(tokens) > 1:
+            self.model.hidden(torch.tensor([tokens[:-1]], dtype=torch.long, device=self.device), self.cache, start)
+        return self._forward(tokens[-1:], start + len(tokens) - 1)
+
+    @torch.inference_mode()
     def generate(self, prompt: list[int], s: Sampling) -> Iterator[Piece]:
         """Stream the continuation of prompt (token ids) as text pieces; the last piece has `finish` set."""
         s.check()
@@ -92,7 +103,7 @@ class Engine:
             keep += 1
         t0 = time.perf_counter()
         self.cached = self.cached[:keep]
-        logits = self._forward(prompt[keep:], keep)
+        logits = self._prefill(prompt[keep:], keep)
         self.cached = list(prompt)
         stats.prefilled_tokens = len(prompt) - keep
         stats.prefill_seconds = time.perf_counter() - t0

@@ -28,7 +28,7 @@ def test_greedy_stream_is_the_argmax_path(loaded, greedy):
     pieces = list(e.generate(prompt, GREEDY))
     tokens = [p.token for p in pieces if p.token is not None]
     assert pieces[-1].finish in ("length", "eos")
-    want = greedy.dslocal(e.model, e.cfg, prompt, pieces[-1].stats.generated_tokens)
+    want = greedy.dslocal(e.model, e.cfg, prompt, pieces[-1].stats.generated_tokens, str(e.device))
     # pieces hold back incomplete characters, so compare the decoded text and the ids that were shown
     assert "".join(p.text for p in pieces) == e.tokenizer.decode(want)
     assert set(tokens) <= set(want)
@@ -75,7 +75,7 @@ def test_max_tokens_stop_strings_and_context(loaded):
 def test_end_of_turn_token_ends_the_answer(loaded, greedy):
     e = loaded.engine
     prompt = e.tokenizer.encode("Hello")
-    first = greedy.dslocal(e.model, e.cfg, prompt, 3)[2]
+    first = greedy.dslocal(e.model, e.cfg, prompt, 3, str(e.device))[2]
     saved = e.tokenizer.eot_ids
     e.tokenizer.eot_ids = frozenset(saved) | {first}
     try:
