@@ -15,8 +15,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from dslocal.kernels.cpu.moe import FIRST_SHARE, SMALL_CHUNKS, _chunk, _claim
-from dslocal.kernels.cpu.rows import BYTE_DOT, XMAX8, activation_shapes, quantize_row, rows_dot
+from dslocal.kernels.cpu.moe import FIRST_SHARE, SMALL_CHUNKS, _chunk, _claim, _quantize_x
+from dslocal.kernels.cpu.rows import BYTE_DOT, activation_shapes, rows_dot
 from dslocal.quant.ggml import GGMLType, nbytes
 
 MAX_ROWS = 4      # activation rows per call: a decode step's (longer inputs go through a float copy)
@@ -27,12 +27,8 @@ FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 def _linear(x, w, t, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, out):
     """out (T, R) = x (T, D) . rows of w (1, R, row bytes) of type t; the rest is scratch (see linear)."""
     T, R = x.shape[0], w.shape[1]
-    x8, xd8, xs8 = x8q
     for i in range(T):
-        if x16.shape[0]:
-            quantize_row(x, i, x16, xd, xs)
-        if x8.shape[0]:
-            quantize_row(x, i, x8, xd8, xs8, XMAX8)
+        _quantize_x(x, i, x16, xd, xs, x8q)
     big = R * first_share // 100 // n_threads * n_threads
     n_small = min(R - big, n_threads * small_per_thread)
     longest = max(big // n_threads, -(-(R - big) // max(n_small, 1))) + 1
