@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", metavar="SIZE", help="GPU budget, e.g. 12GiB (default: free memory less a margin)")
     p.add_argument("--cpu-only", action="store_true", help="everything on the CPU")
     p.add_argument("--gpu-experts", type=int, metavar="N", help="exactly N routed experts per MoE layer on the GPU")
+    p.add_argument("--pull-experts", type=int, metavar="N",
+                   help="of each token's CPU experts, N read by the GPU from host memory (default: a third)")
     p.add_argument("--prompt-lengths", metavar="N,N",
                    help="prompt lengths in tokens (default 128,2048, those that fit the model's context)")
     p.add_argument("--gen", type=int, default=128, help="greedy tokens to decode per run (default 128)")
@@ -280,14 +282,14 @@ def run(args: argparse.Namespace, log=sys.stderr) -> int:
     cfg = RunConfig(device=args.device, dtype=args.dtype, context=context, threads=args.threads,
                     gpu_memory=args.gpu_memory, cpu_only=args.cpu_only, gpu_experts=args.gpu_experts,
                     expert_threads=args.threads, reference=args.reference,
-                    cuda_graphs=not args.no_cuda_graphs)
+                    cuda_graphs=not args.no_cuda_graphs, pull_experts=args.pull_experts)
     results = measure(path, cfg, lengths, args.gen, args.repeat, log)
     gc.collect()   # the model's memory goes back before the probe allocates its buffer
     results["settings"] = {
         "device": cfg.torch_device(), "dtype": str(cfg.torch_dtype()).removeprefix("torch."),
         "where": where(args.gpu_memory, results["placement"]), "threads": threads, "gpu_memory": args.gpu_memory,
         "cpu_only": args.cpu_only, "gpu_experts": args.gpu_experts, "reference": args.reference,
-        "cuda_graphs": not args.no_cuda_graphs, "gen": args.gen,
+        "cuda_graphs": not args.no_cuda_graphs, "pull_experts": args.pull_experts, "gen": args.gen,
         "repeat": args.repeat, "prompt_lengths": lengths}
     results["machine"] = machine(threads)
     results["dram"] = read_bandwidth(args.dram_gib, threads=min(threads, numba.config.NUMBA_NUM_THREADS))

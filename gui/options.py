@@ -18,6 +18,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "minus a margin. Routed experts fill what attention and shared experts leave")
     p.add_argument("--cpu-only", action="store_true", help="run everything on the CPU even with a GPU")
     p.add_argument("--gpu-experts", type=int, metavar="N", help="exactly N routed experts per MoE layer on the GPU")
+    p.add_argument("--pull-experts", type=int, metavar="N",
+                   help="of each token's CPU experts, N are read by the GPU from host memory during decode steps "
+                        "(default: a third of the experts a token uses with a GPU, 0 without)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--expert-threads", type=int, metavar="N",
                    help="CPU threads for the routed experts (default: the physical cores)")
@@ -39,7 +42,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(device=args.device, dtype=args.dtype, context=args.ctx, threads=args.threads,
                      gpu_memory=args.gpu_memory, cpu_only=args.cpu_only, gpu_experts=args.gpu_experts,
                      expert_threads=args.expert_threads, reference=args.reference,
-                     cuda_graphs=not args.no_cuda_graphs)
+                     cuda_graphs=not args.no_cuda_graphs, pull_experts=args.pull_experts)
 
 
 def load_model(args: argparse.Namespace) -> Loaded:

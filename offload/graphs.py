@@ -66,12 +66,16 @@ class DecodeGraphs:
         if self._capturing:
             from dslocal.kernels.gpu import handoff
             j = self.handoffs.index(moe)
-            handoff.send(xf, cpu_ids, w, x_host, ids_host, w_host, self._sync, self._flag(j, "ready"), self._step)
+            handoff.send(xf, cpu_ids, w, x_host, ids_host, w_host, self._sync, self._flag(j, "ready"), self._step,
+                         moe.n_pull)
             return
         if moe in self.handoffs:
             raise RuntimeError("a decode step handed the same layer to the CPU twice")
         self.handoffs.append(moe)
         x_host.copy_(xf, non_blocking=True)       # fp32 on both sides: a plain copy, no conversion kernel
+        if moe.n_pull:
+            from dslocal.kernels.gpu.pull import cpu_share
+            cpu_ids = cpu_share(cpu_ids, moe.n_pull)[0]
         ids_host.copy_(cpu_ids, non_blocking=True)
         w_host.copy_(w, non_blocking=True)
         ready = torch.cuda.Event()

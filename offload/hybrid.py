@@ -113,6 +113,7 @@ class OffloadedMoE(nn.Module):
         self.streamer: ExpertStreamer | None = None   # set by load_offloaded when long prompts stream
         self.stream_index = -1                          # this layer's index in the streamer
         self.graph_step = None   # set by offload/graphs.py while it runs or captures a decode step
+        self.pulled = None       # kernels/gpu/pull.py PulledExperts: a decode step's share read by the GPU
         slot = torch.full((E,), -1, dtype=torch.long)                     # expert id -> index in self.gpu
         slot[gpu_ids] = torch.arange(self.n_gpu)
         cpu_id = torch.arange(E)
@@ -178,10 +179,18 @@ class OffloadedMoE(nn.Module):
     def _forward_in_graph_step(self, x: torch.Tensor, xf: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                                cpu_ids: torch.Tensor) -> torch.Tensor:
         """The same layer as a decode step of offload/graphs.py runs it: the CPU experts' inputs handed
-        over, the GPU's own experts computed meanwhile, the CPU's result added when it is there."""
+        over, the GPU's own experts computed meanwhile (and those it pulls from host memory), the CPU's
+        result added when it is there."""
         self.graph_step.send(self, xf, cpu_ids, w)
         y = self._gpu_part(x, ids, w)
+        if self.pulled is not None:
+            y += self.pulled(xf, cpu_ids, w)
         return self.graph_step.receive(self, y, x.dtype)
+
+    @property
+    def n_pull(self) -> int:
+        """Experts per token of a decode step that the GPU reads from host memory instead of the CPU."""
+        return 0 if self.pulled is None else self.pulled.n
 
 
 def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: str | torch.device,

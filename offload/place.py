@@ -33,6 +33,7 @@ GiB = 2**30
 WORKSPACE = GiB + 2 * UNIT_BYTES
 MARGIN = 0.05
 CALIBRATION_TOKENS = 512
+PULL_SHARE = 1 / 3     # default share of a token's experts a decode step's GPU reads from host memory
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class Placing:
     gpu_experts: int | None = None  # --gpu-experts N
     expert_threads: int | None = None   # CPU expert threads (default: the physical cores)
     calibrate: bool = True          # measure hotness on a first start when experts can go to the GPU
+    pull_experts: int = 0           # --pull-experts N: of each token's CPU experts, N read by the GPU
+
+
+def default_pull(n_used: int) -> int:
+    """--pull-experts when not given, for a run on a GPU with CUDA graphs: 2 of 6 experts, 3 of 8."""
+    return max(1, round(n_used * PULL_SHARE)) if n_used > 1 else 0
 
 
 def budget_for(s: Placing) -> tuple[Hardware, Budget]:
@@ -89,7 +96,32 @@ def load_placed(path: str, f: GGUFFile, cfg: ModelConfig, s: Placing,
         placement = plan(shape, hardware, dataclasses.replace(budget, hotness=counts))
         in_passing_thread(replace_gpu_experts, model, placement)
     print(format_plan(placement), file=log)
+    if s.pull_experts and worker is not None:
+        try:
+            n = attach_pull(model, s.pull_experts, torch.device(s.device))
+            if n:
+                print(f"pull     decode steps: the GPU reads {s.pull_experts} of each token's CPU experts from "
+                      f"host memory ({n / 2**30:.1f} GiB registered)", file=log)
+        except RuntimeError as e:
+            print(f"pull     off: {e}", file=log)
     return model, placement
+
+
+def attach_pull(model: DeepSeek, n_pull: int, device: torch.device) -> int:
+    """Let decode steps read n_pull of each token's CPU experts on the GPU, from host memory (kernels/gpu/
+    pull.py): the layers' expert blocks registered with CUDA, one staging buffer on the device. Returns the
+    bytes registered; raises RuntimeError where CUDA refuses the registration (nothing is then attached)."""
+    from dslocal.kernels.gpu.pull import PULL_TYPES, HostRegistration, PulledExperts
+    moes = [b.ffn for b in model.layers if isinstance(b.ffn, OffloadedMoE) and b.ffn.n_cpu and b.ffn.worker
+            and {b.ffn.experts.gate_type, b.ffn.experts.up_type, b.ffn.experts.down_type} <= PULL_TYPES]
+    if not moes:
+        return 0
+    registration = HostRegistration([a for m in moes for a in (m.experts.gate, m.experts.up, m.experts.down)])
+    staging = torch.empty(max(PulledExperts.staging_bytes(m.experts, n_pull) for m in moes), dtype=torch.uint8,
+                          device=device)
+    for m in moes:
+        m.pulled = PulledExperts(m.experts, n_pull, staging, registration)
+    return registration.nbytes
 
 
 def replace_gpu_experts(model: DeepSeek, placement: Placement) -> None:

@@ -39,6 +39,7 @@ class RunConfig:
     expert_threads: int | None = None   # CPU expert threads (default: the physical cores)
     reference: bool = False    # the reference path: every weight dequantized, plain torch (runtime/model.py)
     cuda_graphs: bool = True   # placed runtime on a GPU: decode steps replayed as CUDA graphs
+    pull_experts: int | None = None  # of each token's CPU experts, N read by the GPU (default: a third)
     like_llama_cpp: bool = True  # reference path: round activations as llama.cpp's CPU backend does
 
     def torch_device(self) -> str:
@@ -89,7 +90,7 @@ def load(path: str, run: RunConfig, log=sys.stderr) -> Loaded:
             else:
                 from dslocal.offload.place import Placing, load_placed
                 placing = Placing(device, run.torch_dtype(), context, run.gpu_memory, run.cpu_only,
-                                  run.gpu_experts, run.expert_threads)
+                                  run.gpu_experts, run.expert_threads, pull_experts=pull_experts(run, cfg, device))
                 model, placement = load_placed(path, f, cfg, placing, log)
         except GGUFError as e:
             raise GGUFError(f"{path}: {e}") from None
@@ -102,6 +103,21 @@ def load(path: str, run: RunConfig, log=sys.stderr) -> Loaded:
                     placement)
     print(describe(loaded, run), file=log)
     return loaded
+
+
+def pull_experts(run: RunConfig, cfg, device: str) -> int:
+    """--pull-experts resolved: by default a third of a token's experts where decode steps run as CUDA
+    graphs on a GPU (the only steps that pull), else none; a number the run cannot use raises ValueError."""
+    from dslocal.offload.place import default_pull
+    n = run.pull_experts
+    graphs = device.startswith("cuda") and run.cuda_graphs and not run.cpu_only
+    if n is None:
+        return default_pull(cfg.n_expert_used) if graphs else 0
+    if not 0 <= n <= cfg.n_expert_used:
+        raise ValueError(f"--pull-experts must be 0 to {cfg.n_expert_used} (the experts a token uses)")
+    if n and not graphs:
+        raise ValueError("--pull-experts needs a GPU and CUDA graphs (decode steps replayed on the GPU)")
+    return n
 
 
 def describe(loaded: Loaded, run: RunConfig) -> str:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dslocal.kernels.gpu.pull import pulled_slot
+
 TIMEOUT_S = 60.0    # a receive that waits longer sets the abort flag and goes on
 BLOCK = 1024
 
@@ -43,16 +45,20 @@ def _now_ns():
 
 
 @triton.jit
-def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N, NK,
+def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N, NK, n_pull,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x (N,) f32, ids (NK,) int64, w (NK,) f32 copied to their host buffers, then sync[i_ready] = step."""
+    """x (N,) f32, ids (NK,) int64, w (NK,) f32 copied to their host buffers, then sync[i_ready] = step.
+    With n_pull > 0 (one token: NK = K) the ids the GPU pulls (kernels/gpu/pull.py) arrive as -1."""
     o = tl.arange(0, BLOCK_N)
     for start in range(0, N, BLOCK_N):
         m = start + o < N
         tl.store(p_xh + start + o, tl.load(p_x + start + o, mask=m), mask=m)
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < NK
-    tl.store(p_idsh + o_k, tl.load(p_ids + o_k, mask=m_k), mask=m_k)
+    ids = tl.load(p_ids + o_k, mask=m_k, other=-1)
+    if n_pull > 0:
+        ids = tl.where(pulled_slot(ids, n_pull) >= 0, -1, ids)
+    tl.store(p_idsh + o_k, ids, mask=m_k)
     tl.store(p_wh + o_k, tl.load(p_w + o_k, mask=m_k), mask=m_k)
     tl.store(p_sync + i_ready + 1, _now_ns())     # when, for profiles (the flag's cache line has room)
     zero = _fence_sys()          # each thread's stores reach the host before ...
@@ -90,17 +96,21 @@ def _check_host(t: torch.Tensor, name: str) -> None:
 
 
 def send(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_host: torch.Tensor, ids_host: torch.Tensor,
-         w_host: torch.Tensor, sync: torch.Tensor, i_ready: int, step: torch.Tensor) -> None:
+         w_host: torch.Tensor, sync: torch.Tensor, i_ready: int, step: torch.Tensor, n_pull: int = 0) -> None:
     """Copy x (M, D) f32, ids (M, K) int64 and w (M, K) f32 from the GPU into their pinned host buffers
-    (same shapes and dtypes), then set sync[i_ready] = step[0] (sync: pinned int64, step: int64 on x's device)."""
+    (same shapes and dtypes), then set sync[i_ready] = step[0] (sync: pinned int64, step: int64 on x's device).
+    n_pull > 0 (M = 1 only): the last n_pull CPU experts are the GPU's (kernels/gpu/pull.py) and reach the
+    host as -1."""
     for t, host, dtype, name in ((x, x_host, torch.float32, "x"), (ids, ids_host, torch.int64, "ids"),
                                  (w, w_host, torch.float32, "w")):
         if t.dtype != dtype or host.dtype != dtype or t.shape != host.shape or not t.is_contiguous():
             raise ValueError(f"send needs {name} and its host buffer as contiguous {dtype} of one shape")
         _check_host(host, f"the host buffer of {name}")
     _check_host(sync, "sync")
+    if n_pull and ids.shape[0] != 1:
+        raise ValueError("experts are pulled by the GPU for one token at a time")
     K = ids.numel()
-    _send_kernel[(1,)](x, ids, w, x_host, ids_host, w_host, sync, step, i_ready, x.numel(), K,
+    _send_kernel[(1,)](x, ids, w, x_host, ids_host, w_host, sync, step, i_ready, x.numel(), K, n_pull,
                        BLOCK_N=BLOCK, BLOCK_K=max(16, triton.next_power_of_2(K)), num_warps=4)
 
 

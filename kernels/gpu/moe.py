@@ -49,8 +49,9 @@ def _host_tensor(a: np.ndarray) -> torch.Tensor:
 class GPUExperts:
     """gate, up: (E, F, row_bytes(D)) uint8 blocks or (E, F, D) dense; down: (E, D, row_bytes(F)) or (E, D, F).
 
-    A matrix is blocks iff its GGUF type is in KEEP_BLOCKS; `dtype` is the dense dtype of dequantized types
-    and the compute dtype of the prefill path.
+    A matrix is blocks iff its GGUF type is in `kept` (KEEP_BLOCKS, or every type the GPU unpacks for experts
+    staged from host memory: kernels/gpu/pull.py); `dtype` is the dense dtype of dequantized types and the
+    compute dtype of the prefill path.
     """
     gate: torch.Tensor
     up: torch.Tensor
@@ -61,13 +62,14 @@ class GPUExperts:
     hidden: int
     ffn: int
     dtype: torch.dtype = torch.bfloat16
+    kept: frozenset = KEEP_BLOCKS
 
     def __post_init__(self):
         E, D, F = self.gate.shape[0], self.hidden, self.ffn
         for name, rows, cols in (("gate", F, D), ("up", F, D), ("down", D, F)):
             a, t = getattr(self, name), GGMLType(getattr(self, name + "_type"))
             info = TYPE_INFO[t]
-            blocks = t in KEEP_BLOCKS
+            blocks = t in self.kept
             want = (E, rows, cols // info.block_size * info.type_size) if blocks else (E, rows, cols)
             if (a.dtype == torch.uint8) != blocks or tuple(a.shape) != want or not a.is_contiguous() or \
                     (cols % info.block_size and blocks) or a.device != self.gate.device:
@@ -128,7 +130,7 @@ class GPUExperts:
     def matrix(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Dense (rows, cols) weights of local expert e's `name` matrix ('gate', 'up', 'down') in dtype."""
         a, t = getattr(self, name)[e], getattr(self, name + "_type")
-        return dequantize(a, t, dtype) if t in KEEP_BLOCKS else a.to(dtype)
+        return dequantize(a, t, dtype) if t in self.kept else a.to(dtype)
 
 
 @triton.jit
@@ -202,9 +204,9 @@ def _down_kernel(p_h, p_ids, p_wts, p_d, p_y, D, F, expert_stride, row_stride,
     tl.store(p_y + i_p * D + o_r, b_y, mask=m_r)
 
 
-def _gemv_meta(t: GGMLType, cols: int, prefix: str) -> dict:
-    """Constexpr arguments of _rows_dot for one matrix of `cols` columns: stored as blocks (by type) or dense."""
-    if t in KEEP_BLOCKS:
+def _gemv_meta(t: GGMLType, cols: int, prefix: str, kept: frozenset) -> dict:
+    """Constexpr arguments of _rows_dot for one matrix of `cols` columns: stored as blocks (t in kept) or dense."""
+    if t in kept:
         info, part = TYPE_INFO[t], LAYOUT[t].part
         name, bs, ts = t.name, info.block_size, info.type_size
     else:
@@ -251,9 +253,11 @@ def _decode(x, ids, wts, ex: GPUExperts, out):
     g, u, d = ex.gate, ex.up, ex.down
     _gate_up_kernel[(P, triton.cdiv(F, BLOCK_R))](
         x, ids, g, u, h, K, D, F, g.stride(0), g.stride(1), u.stride(0), u.stride(1),
-        **_gemv_meta(ex.gate_type, D, "G"), **_gemv_meta(ex.up_type, D, "U"), BLOCK_R=BLOCK_R)
+        **_gemv_meta(ex.gate_type, D, "G", ex.kept), **_gemv_meta(ex.up_type, D, "U", ex.kept),
+        BLOCK_R=BLOCK_R)
     _down_kernel[(P, triton.cdiv(D, BLOCK_R))](
-        h, ids, wts, d, y, D, F, d.stride(0), d.stride(1), **_gemv_meta(ex.down_type, F, "W"), BLOCK_R=BLOCK_R)
+        h, ids, wts, d, y, D, F, d.stride(0), d.stride(1), **_gemv_meta(ex.down_type, F, "W", ex.kept),
+        BLOCK_R=BLOCK_R)
     return torch.sum(y.view(T, K, D), dim=1, out=out)
 
 

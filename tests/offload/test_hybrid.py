@@ -147,15 +147,19 @@ def test_the_planner_counts_what_the_gpu_kernels_keep():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("gpu_experts", [0, 3, 8])
-def test_decode_steps_replayed_as_cuda_graphs_give_the_reference_tokens(nano, reference_tokens, gpu_experts):
-    """offload/graphs.py: the first step runs eagerly and captures, later steps replay; same tokens."""
+@pytest.mark.parametrize("gpu_experts, pull", [(0, 0), (3, 0), (8, 0), (0, 1), (3, 1), (0, 2)])
+def test_decode_steps_replayed_as_cuda_graphs_give_the_reference_tokens(nano, reference_tokens, gpu_experts, pull):
+    """offload/graphs.py: the first step runs eagerly and captures, later steps replay; same tokens. pull:
+    that many of each token's CPU experts read by the GPU from the file's memory (kernels/gpu/pull.py)."""
     from dslocal.offload.graphs import GraphedDecoder
+    from dslocal.offload.place import attach_pull
     from dslocal.runtime.model import LatentCache
     _, f, cfg, tok = nano
     worker = ExpertWorker(threads=2) if gpu_experts < cfg.n_expert else None
     try:
         model = load_offloaded(f, cfg, placement_for(f, cfg, gpu_experts), "cuda", torch.float32, worker)
+        if pull:
+            assert attach_pull(model, pull, torch.device("cuda")) > 0
         for p in PROMPTS:
             prompt = tok.encode(p)
             cache = LatentCache(cfg, 1, len(prompt) + N, torch.float32, "cuda")

@@ -222,3 +222,13 @@ def test_info_refusals_are_one_line_exit_2(tiny_gguf, capsys, args, words):
     assert len(err) == 1 and err[0].startswith("dslocal info: ") and captured.out == ""
     for w in words:
         assert w in err[0]
+
+
+@pytest.mark.parametrize("args,words", [(["--pull-experts", "9"], ("--pull-experts must be 0 to",)),
+                                        (["--pull-experts", "1", "--device", "cpu"], ("needs a GPU",))])
+def test_run_refuses_pull_experts_it_cannot_use(tiny_gguf, capsys, args, words):
+    rc = cli.main(["run", "--gguf", tiny_gguf("tiny-v2", "q8_0"), "--prompt", "x", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("dslocal run: "), err
+    for w in words:
+        assert w in err[0]
