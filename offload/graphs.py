@@ -110,14 +110,16 @@ class DecodeGraphs:
             return FLAG_STRIDE * 2 * len(self.moes)
         return FLAG_STRIDE * (2 * j + (kind == "done"))
 
-    def timeline(self) -> list[tuple[float, float]]:
+    def timeline(self) -> list[tuple[float, float, float]]:
         """For the last replayed step, per hand-off j: (us the GPU worked since the previous hand-off's
         answer (since hand-off 0's own send for j = 0), us from the send to the answer seen: the CPU
-        layer plus both flags' way), from the GPU clock the hand-off kernels leave beside their flags."""
+        layer plus both flags' way, us of that the receive waited: 0 where the GPU's own share of the
+        layer took longer than the CPU's), from the GPU clock the hand-off kernels leave beside their flags."""
         sync = self._sync.numpy()
         send = [int(sync[self._flag(j, "ready") + 1]) for j in range(len(self.handoffs))]
         seen = [int(sync[self._flag(j, "done") + 1]) for j in range(len(self.handoffs))]
-        return [((send[j] - seen[j - 1]) / 1e3 if j else 0.0, (seen[j] - send[j]) / 1e3)
+        wait = [int(sync[self._flag(j, "done") + 2]) for j in range(len(self.handoffs))]
+        return [((send[j] - seen[j - 1]) / 1e3 if j else 0.0, (seen[j] - send[j]) / 1e3, (seen[j] - wait[j]) / 1e3)
                 for j in range(len(send))]
 
     # -- the step ---------------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class OffloadedMoE(nn.Module):
         self.stream_index = -1                          # this layer's index in the streamer
         self.graph_step = None   # set by offload/graphs.py while it runs or captures a decode step
         self.pulled = None       # kernels/gpu/pull.py PulledExperts: a decode step's share read by the GPU
+        self.registration = None   # kernels/gpu/pull.py HostRegistration of the experts' pages, if any
         slot = torch.full((E,), -1, dtype=torch.long)                     # expert id -> index in self.gpu
         slot[gpu_ids] = torch.arange(self.n_gpu)
         cpu_id = torch.arange(E)

@@ -101,26 +101,31 @@ def load_placed(path: str, f: GGUFFile, cfg: ModelConfig, s: Placing,
             n = attach_pull(model, s.pull_experts, torch.device(s.device))
             if n:
                 print(f"pull     decode steps: the GPU reads {s.pull_experts} of each token's CPU experts from "
-                      f"host memory ({n / 2**30:.1f} GiB registered)", file=log)
+                      f"host memory; long prompts copy them from there directly ({n / 2**30:.1f} GiB of expert "
+                      "pages registered with CUDA)", file=log)
         except RuntimeError as e:
             print(f"pull     off: {e}", file=log)
     return model, placement
 
 
 def attach_pull(model: DeepSeek, n_pull: int, device: torch.device) -> int:
-    """Let decode steps read n_pull of each token's CPU experts on the GPU, from host memory (kernels/gpu/
-    pull.py): the layers' expert blocks registered with CUDA, one staging buffer on the device. Returns the
-    bytes registered; raises RuntimeError where CUDA refuses the registration (nothing is then attached)."""
+    """Register the pages of every CPU expert with CUDA (read-only): decode steps then read n_pull of each
+    token's CPU experts on the GPU, from host memory (kernels/gpu/pull.py, one staging buffer on the
+    device), and long prompts copy their streamed experts by DMA straight from the file's map
+    (offload/prefill.py). Returns the bytes registered; raises RuntimeError where CUDA refuses the
+    registration (nothing is then attached)."""
     from dslocal.kernels.gpu.pull import PULL_TYPES, HostRegistration, PulledExperts
-    moes = [b.ffn for b in model.layers if isinstance(b.ffn, OffloadedMoE) and b.ffn.n_cpu and b.ffn.worker
-            and {b.ffn.experts.gate_type, b.ffn.experts.up_type, b.ffn.experts.down_type} <= PULL_TYPES]
+    moes = [b.ffn for b in model.layers if isinstance(b.ffn, OffloadedMoE) and b.ffn.n_cpu and b.ffn.worker]
     if not moes:
         return 0
     registration = HostRegistration([a for m in moes for a in (m.experts.gate, m.experts.up, m.experts.down)])
-    staging = torch.empty(max(PulledExperts.staging_bytes(m.experts, n_pull) for m in moes), dtype=torch.uint8,
-                          device=device)
+    pulling = [m for m in moes if {m.experts.gate_type, m.experts.up_type, m.experts.down_type} <= PULL_TYPES]
+    staging = torch.empty(max((PulledExperts.staging_bytes(m.experts, n_pull) for m in pulling), default=0),
+                          dtype=torch.uint8, device=device)
     for m in moes:
-        m.pulled = PulledExperts(m.experts, n_pull, staging, registration)
+        m.registration = registration
+        if m in pulling:
+            m.pulled = PulledExperts(m.experts, n_pull, staging, registration)
     return registration.nbytes
 
 

@@ -5,8 +5,10 @@ compute-bound (kernels/cpu/NOTES.md); the GPU computes them far faster if the we
 chunk of at least STREAM_MIN_TOKENS tokens each MoE layer's CPU experts are copied to the GPU in units of
 at most `unit_bytes` (GPU size) and computed there (kernels/gpu/moe.py), while a copy thread already
 brings the next unit: the copy of layer i+1 overlaps the compute of layer i (DESIGN.md, "Prefill").
-At most two units are on the GPU at a time, so streaming needs 2 * unit_bytes of GPU memory, and two
-pinned host buffers of a unit's file bytes (allocated at the first long prompt).
+At most two units are on the GPU at a time, so streaming needs 2 * unit_bytes of GPU memory. Experts whose
+pages are registered with CUDA (OffloadedMoE.registration, made with --pull-experts) are copied by DMA
+straight from the file's memory map; others go through two pinned host buffers of a unit's file bytes
+(allocated at the first long prompt), which a CPU thread fills first.
 """
 from __future__ import annotations
 
@@ -54,25 +56,29 @@ class ExpertStreamer:
         only after the copies of the unit before last have left it."""
         from dslocal.kernels.gpu.moe import GPUExperts
         u = self.units[k]
-        staging, last = self._staging[k % 2]
+        moe = self.layers[u.layer]
+        registered = moe.registration is not None
+        staging, last = self._staging[k % 2] if not registered else (None, None)
         if last is not None:
             last.synchronize()
         # the caller's inference mode does not reach this thread, and the buffers were made inside it
         with torch.inference_mode(), torch.cuda.stream(self._stream):
-            gpu = GPUExperts.from_experts(self.layers[u.layer].experts, u.expert_ids, self.device,
-                                          staging=staging)
+            gpu = GPUExperts.from_experts(moe.experts, u.expert_ids, self.device, staging=staging,
+                                          registered=registered)
             done = torch.cuda.Event()
             done.record(self._stream)
-        self._staging[k % 2] = (staging, done)
+        if not registered:
+            self._staging[k % 2] = (staging, done)
         return gpu, done
 
     def _start(self, k: int) -> None:
         if self._stream is None:
             from dslocal.kernels.gpu.moe import GPUExperts
             self._stream = torch.cuda.Stream(self.device)
-            most = max(GPUExperts.staging_bytes(self.layers[u.layer].experts, len(u.expert_ids))
-                       for u in self.units)
-            self._staging = [(torch.empty(most, dtype=torch.uint8, pin_memory=True), None) for _ in range(2)]
+            staged = [u for u in self.units if self.layers[u.layer].registration is None]
+            most = max((GPUExperts.staging_bytes(self.layers[u.layer].experts, len(u.expert_ids))
+                        for u in staged), default=0)
+            self._staging = [(torch.empty(most, dtype=torch.uint8, pin_memory=bool(most)), None) for _ in range(2)]
         if k >= len(self.units):
             # the prompt's last unit has been copied: the copy thread ends, and with it the OpenMP team of
             # its parallel copies, which would slow the CPU expert worker (offload/cpu_worker.py)

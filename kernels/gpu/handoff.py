@@ -13,7 +13,8 @@ into the device's address space):
 
 `step` is a device int64 that the host sets before each replay, so one graph serves every step and no flag
 is ever reset. Beside each flag (index + 1) the GPU leaves its clock (%globaltimer, ns) at the moment it
-set the ready flag or saw the done flag: offload/graphs.py reads them for `DecodeGraphs.timeline()`.
+set the ready flag or saw the done flag, and beside the done flag (index + 2) when the receive began to
+wait: offload/graphs.py reads them for `DecodeGraphs.timeline()`.
 sync[abort] >= step gives the step up: the CPU side sets it when its layer fails, a receive sets it after
 TIMEOUT_S without an answer, so a failure ends the step (with a wrong result, which the host then
 refuses) instead of hanging the GPU. One program of four warps per call: a decode step hands over one
@@ -81,6 +82,7 @@ def _receive_kernel(p_y, p_outh, p_z, p_sync, p_step, i_done, i_abort, N, timeou
     if (done < step) & (abort < step):
         tl.store(p_sync + i_abort, step)         # timed out: later receives of this step do not wait
     tl.store(p_sync + i_done + 1, t)             # when the answer was seen, for profiles
+    tl.store(p_sync + i_done + 2, t0)            # and when the wait for it began
     zero = _fence_sys()                          # the result's loads after the flag's
     o = tl.arange(0, BLOCK_N)
     for start in range(0, N, BLOCK_N):

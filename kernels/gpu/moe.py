@@ -82,10 +82,13 @@ class GPUExperts:
 
     @classmethod
     def from_experts(cls, experts: ExpertTensors, ids: Sequence[int], device,
-                     dtype: torch.dtype = torch.bfloat16, staging: torch.Tensor | None = None) -> GPUExperts:
+                     dtype: torch.dtype = torch.bfloat16, staging: torch.Tensor | None = None,
+                     registered: bool = False) -> GPUExperts:
         """Copy experts `ids` (global ids; local id i is ids[i]) of one layer to `device`. staging: a pinned
         uint8 buffer of at least staging_bytes(experts, len(ids)) to copy through asynchronously (the
-        caller keeps it untouched until the current stream has passed the copies)."""
+        caller keeps it untouched until the current stream has passed the copies). registered: the
+        experts' host memory is registered with CUDA (kernels/gpu/pull.py), so the DMA reads it in place,
+        asynchronously, without a staging copy."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= experts.n_expert):
             raise ValueError(f"expert ids must be in [0, {experts.n_expert}), got {ids.tolist()}")
@@ -97,7 +100,13 @@ class GPUExperts:
         for name in ("gate", "up", "down"):
             t = getattr(experts, name + "_type")
             host = getattr(experts, name)                                        # (E, rows, row_bytes)
-            if staging is None:
+            if registered:
+                raw = torch.empty((len(ids), *host.shape[1:]), dtype=torch.uint8, device=device)
+                at = 0
+                for a, b in runs:
+                    raw[at:at + b - a].copy_(_host_tensor(host[a:b]), non_blocking=True)
+                    at += b - a
+            elif staging is None:
                 raw = _host_tensor(host[ids]).to(device)
             else:
                 shape = (len(ids), *host.shape[1:])

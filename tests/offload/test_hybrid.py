@@ -117,9 +117,12 @@ def test_hotness_store_is_keyed_by_the_file(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming prefill needs CUDA")
-def test_long_prompt_streams_the_cpu_experts(nano, greedy):
+@pytest.mark.parametrize("registered", [False, True])
+def test_long_prompt_streams_the_cpu_experts(nano, greedy, registered):
     """A prompt of STREAM_MIN_TOKENS or more computes the CPU experts on the GPU (offload/prefill.py):
-    same tokens as the reference, and the stream was used."""
+    same tokens as the reference, and the stream was used; with the experts' pages registered with CUDA
+    (as --pull-experts does) the copies read the file's map directly, through no pinned buffer."""
+    from dslocal.offload.place import attach_pull
     from dslocal.offload.prefill import STREAM_MIN_TOKENS
     _, f, cfg, tok = nano
     prompt = tok.encode(" ".join(PROMPTS * 20))
@@ -128,10 +131,13 @@ def test_long_prompt_streams_the_cpu_experts(nano, greedy):
     worker = ExpertWorker(threads=2)
     try:
         model = load_offloaded(f, cfg, placement_for(f, cfg, 3), "cuda", torch.float32, worker)
+        if registered:
+            assert attach_pull(model, 1, torch.device("cuda")) > 0
         streamer = next(b.ffn.streamer for b in model.layers if isinstance(b.ffn, OffloadedMoE))
         assert streamer is not None and streamer.units
         assert greedy.dslocal(model, cfg, prompt, 8, "cuda") == want
         assert streamer._stream is not None        # the stream was used
+        assert all((buffer.numel() == 0) == registered for buffer, _ in streamer._staging)   # pinned buffers
         assert streamer._pool is None              # and its copy thread ended with the prompt
         streamer.close()
     finally:
