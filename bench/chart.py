@@ -1,7 +1,8 @@
 """The `dslocal bench` chart: prefill and decode tokens/s per prompt length as labelled bars, drawn with Pillow.
 
 Prefill is often a hundred times faster than decode, so each has its own panel and its own scale; the decode
-panel also labels each length with the achieved CPU-side GB/s and its share of the measured DRAM bandwidth.
+panel also labels each length with the achieved GB/s of experts read from host memory and its share of the
+measured DRAM bandwidth.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def draw_chart(results: dict) -> Image.Image:
            [[x] for x in lengths], PREFILL_COLOR, lines, "prompt length (tokens)")
     _panel(draw, (WIDTH // 2 + 10, top, WIDTH - 30, bottom), "decode tokens/s",
            [r["decode_tokens_per_s"] for r in rows], decode_labels, DECODE_COLOR, lines,
-           "prompt length (tokens)" + ("" if lines == 1 else "; below: CPU-side GB/s, % of DRAM read"))
+           "prompt length (tokens)" + ("" if lines == 1 else "; below: host-memory GB/s, % of DRAM read"))
 
     memory = f"peak RSS {results['peak_rss_GiB']:.2f} GiB"
     if results.get("peak_gpu_GiB") is not None:

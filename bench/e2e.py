@@ -1,5 +1,6 @@
 """`dslocal bench`: a whole model's prefill and decode tokens/s, time to first token, load time, peak memory,
-and the decode's CPU-side GB/s against the DRAM read bandwidth measured in the same run.
+and the decode's GB/s of routed experts read from host memory against the DRAM read bandwidth measured in
+the same run.
 
     dslocal bench [--gguf FILE | --preset v2-lite --type q4_k_m] [--gpu-memory 12GiB] [--cpu-only]
                   [--gpu-experts N] [--prompt-lengths 128,2048] [--gen 128] [--threads N] [--device cuda]
@@ -9,7 +10,9 @@ Every run of a prompt length starts from an empty cache (Engine.reset), so no pr
 the prefix cache; the table gives the median of --repeat runs. One short generation before the first run
 pays for compilation and warm-up and is not counted. Decode tokens/s is tokens over seconds where every
 token costs one single-token forward (one_run). Decode GB/s counts the routed-expert bytes the placement
-leaves on the CPU for each token (Placement.cpu_expert_bytes_per_token, DESIGN.md "The performance model");
+leaves in host memory for each token (Placement.cpu_expert_bytes_per_token, DESIGN.md "The performance
+model"), read by the CPU threads and, with --pull-experts, partly by the GPU over PCIe ("pulled": experts
+per token);
 the DRAM probe runs last, after the peak memory is read, so its buffer is not counted.
 """
 from __future__ import annotations
@@ -202,6 +205,7 @@ def measure(path: str, run: RunConfig, lengths: list[int], gen: int, repeat: int
         rows.append(summarize(n, runs))
     p = loaded.placement
     cuda = run.torch_device().startswith("cuda")
+    pulled = max((getattr(b.ffn, "n_pull", 0) for b in engine.model.layers), default=0)
     return {
         "model": {"file": os.path.abspath(path), "name": loaded.name, "layers": loaded.cfg.n_layer,
                   "experts": loaded.cfg.n_expert, "experts_used": loaded.cfg.n_expert_used,
@@ -209,7 +213,8 @@ def measure(path: str, run: RunConfig, lengths: list[int], gen: int, repeat: int
         "load_s": loaded.load_seconds, "warmup_s": warmup_s,
         "placement": None if p is None else {
             "gpu_bytes": p.gpu_bytes, "cpu_bytes": p.cpu_bytes, "budget_bytes": p.budget_bytes,
-            "cpu_expert_bytes_per_token": p.cpu_expert_bytes_per_token, "note": p.note},
+            "cpu_expert_bytes_per_token": p.cpu_expert_bytes_per_token, "note": p.note,
+            "pulled_experts_per_token": pulled},
         "peak_rss_GiB": peak_rss_bytes() / 2**30,
         "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "gpu": torch.cuda.get_device_name() if cuda else None,
@@ -218,7 +223,8 @@ def measure(path: str, run: RunConfig, lengths: list[int], gen: int, repeat: int
 
 
 def add_bandwidth(results: dict) -> None:
-    """Decode's achieved CPU-side GB/s and its fraction of the measured DRAM read bandwidth, per length."""
+    """Decode's routed-expert GB/s from host memory and its fraction of the measured DRAM read bandwidth,
+    per length."""
     per_token = (results["placement"] or {}).get("cpu_expert_bytes_per_token")
     dram = results["dram"]["GB_per_s"]
     for row in results["lengths"]:
@@ -242,16 +248,19 @@ def format_table(results: dict) -> str:
     s, m, dram = results["settings"], results["model"], results["dram"]
     p = results["placement"]
     cpu_mb = "-" if p is None else f"{p['cpu_expert_bytes_per_token'] / 1e6:.1f} MB"
+    if p is not None and p.get("pulled_experts_per_token"):
+        cpu_mb += f" (the GPU reads {p['pulled_experts_per_token']} of each token's CPU experts)"
     lines = [
         f"model  {m['name']} ({m['file']})",
         f"run    {s['device']} {s['dtype']}, {s['where']}, {s['threads']} threads, --gen {s['gen']}, "
         f"median of {s['repeat']}",
-        f"load   {results['load_s']:.1f} s; warm-up {results['warmup_s']:.1f} s; CPU expert bytes per token {cpu_mb}",
+        f"load   {results['load_s']:.1f} s; warm-up {results['warmup_s']:.1f} s; expert bytes in host memory per "
+        f"token {cpu_mb}",
         f"DRAM   {dram['GB_per_s']:.1f} GB/s read ({dram['threads']} threads, {dram['bytes'] / 2**30:.1f} GiB)",
         f"memory peak RSS {results['peak_rss_GiB']:.2f} GiB" + (
             "" if results["peak_gpu_GiB"] is None else f", peak GPU {results['peak_gpu_GiB']:.2f} GiB"),
         "",
-        f"{'prompt':>7} {'TTFT s':>8} {'prefill tok/s':>14} {'gen':>5} {'decode tok/s':>13} {'CPU GB/s':>9} "
+        f"{'prompt':>7} {'TTFT s':>8} {'prefill tok/s':>14} {'gen':>5} {'decode tok/s':>13} {'host GB/s':>9} "
         f"{'% DRAM':>7}",
     ]
     for r in results["lengths"]:
