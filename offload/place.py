@@ -100,9 +100,12 @@ def load_placed(path: str, f: GGUFFile, cfg: ModelConfig, s: Placing,
         try:
             n = attach_pull(model, s.pull_experts, torch.device(s.device))
             if n:
+                pulled = min(1.0, s.pull_experts / cfg.n_expert_used) * placement.cpu_expert_bytes_per_token
                 print(f"pull     decode steps: the GPU reads {s.pull_experts} of each token's CPU experts from "
-                      f"host memory; long prompts copy them from there directly ({n / 2**30:.1f} GiB of expert "
-                      "pages registered with CUDA)", file=log)
+                      f"host memory (at most {pulled / 1e6:.0f} of the "
+                      f"{placement.cpu_expert_bytes_per_token / 1e6:.0f} MB a token reads there); long prompts "
+                      f"copy them from there directly ({n / 2**30:.1f} GiB of expert pages registered with CUDA)",
+                      file=log)
         except RuntimeError as e:
             print(f"pull     off: {e}", file=log)
     return model, placement
