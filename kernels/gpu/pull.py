@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Sequence
 
 import numpy as np
+import psutil
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +33,7 @@ from dslocal.kernels.gpu.dequant import LAYOUT
 from dslocal.kernels.gpu.moe import GPUExperts, _host_tensor, moe_ffn
 
 CHUNK_BYTES = 32768    # bytes one program of the gather copies
+MAX_RAM_SHARE = 0.8    # registered (pinned) pages may take at most this share of the machine's RAM
 PULL_TYPES = frozenset(t for t, layout in LAYOUT.items() if layout.plain is None)   # block types the GEMV unpacks
 _REGISTER_MAPPED, _REGISTER_READ_ONLY = 2, 8     # cudaHostRegister flags
 _live: dict[tuple[int, int], int] = {}    # page range registered here -> HostRegistrations that use it
@@ -90,7 +92,8 @@ class HostRegistration:
     may then read the arrays through their host addresses. Whole pages are registered, and the GPU may
     not write to them (a copy from the device into them fails): the arrays must be views of a file's
     memory map, or fill their pages alone. The arrays are kept alive with the registration. Registrations
-    of the same ranges (a file's experts loaded into a second model) share CUDA's one."""
+    of the same ranges (a file's experts loaded into a second model) share CUDA's one. Pinned pages cannot
+    be swapped out, so more than MAX_RAM_SHARE of the RAM is refused (RuntimeError, before CUDA is asked)."""
 
     def __init__(self, arrays: Sequence[np.ndarray]):
         page = mmap.PAGESIZE
@@ -102,6 +105,11 @@ class HostRegistration:
                 merged[-1][1] = max(merged[-1][1], hi)
             else:
                 merged.append([lo, hi])
+        total = sum(hi - lo for lo, hi in merged)
+        ram = psutil.virtual_memory().total
+        if total > MAX_RAM_SHARE * ram:
+            raise RuntimeError(f"registering {total / 2**30:.1f} GiB of expert pages would pin more than "
+                               f"{MAX_RAM_SHARE:.0%} of the {ram / 2**30:.1f} GiB of RAM")
         rt = torch.cuda.cudart()
         done: list[tuple[int, int]] = []
         for lo, hi in merged:
@@ -114,7 +122,7 @@ class HostRegistration:
                                        f"for reading ({rt.cudaGetErrorString(err)})")
             _live[lo, hi] = _live.get((lo, hi), 0) + 1
             done.append((lo, hi))
-        self.nbytes = sum(hi - lo for lo, hi in merged)
+        self.nbytes = total
         self._finalizer = weakref.finalize(self, _unregister, done, list(arrays))
 
     def close(self) -> None:

@@ -100,6 +100,16 @@ def test_pulled_sum_matches_reference(types, device, tmp_path):
         assert err < NSE_F32, f"ids {ids}: NSE {err:.2e}"
 
 
+def test_registration_refuses_to_pin_most_of_the_ram(monkeypatch, tmp_path):
+    """Checked before CUDA is asked, so this runs without a GPU too."""
+    from dslocal.kernels.gpu import pull
+    ex = mapped(experts_of(T_.Q4_K, T_.Q4_K, T_.Q5_0, np.random.default_rng(3)), tmp_path / "experts.bin")
+    small = type("Memory", (), {"total": ex.gate.nbytes})()
+    monkeypatch.setattr(pull.psutil, "virtual_memory", lambda: small)
+    with pytest.raises(RuntimeError, match="would pin more than 80% of the"):
+        HostRegistration([ex.gate, ex.up, ex.down])
+
+
 def test_rejects_what_it_cannot_pull(device):
     rng = np.random.default_rng(1)
     staging = torch.zeros(1 << 20, dtype=torch.uint8, device=device)
