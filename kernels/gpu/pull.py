@@ -3,18 +3,19 @@
 With every routed expert in host memory, a decode step's MoE layer waits for the CPU threads, which stream
 the layer's ~6 experts at 60-70 GB/s on the GPU box, bound by their arithmetic rather than by DRAM; the GPU
 meanwhile waits too. The GPU can read host memory itself: the file's memory map, registered with CUDA
-(cudaHostRegister, read-only), is addressable from kernels, and a copy kernel pulls ~48 GB/s over the
-box's PCIe link while the CPU threads lose little of theirs (README, Measured). So, per MoE layer of a
-decode step:
+(cudaHostRegister, read-only), is addressable from kernels. On the box a kernel reads it at ~50 GB/s over
+PCIe with the CPU idle and ~29 GB/s beside the CPU threads, which lose little: the two together then read
+~87 GB/s, about the DRAM bandwidth (README, Measured; kernels/cpu/NOTES.md). So, per MoE layer of a decode
+step:
 
     split     of the token's CPU experts, the last n (in routing order) go to the GPU, the rest to the CPU
     gather    the GPU copies those n experts' blocks from host memory into a staging buffer (one kernel)
     moe_ffn   kernels/gpu/moe.py's GEMVs on the staged blocks, while the CPU computes its share
 
-The split is one rule with three implementations that must agree: `cpu_share` (torch, the reference and
-the eager path), the hand-off's send kernel (kernels/gpu/handoff.py: the CPU's ids with the pulled ones
-set to -1) and `_gather_kernel` (which experts it copies): `pulled_slot` below. Weights stay in host
-memory; the staging buffer (n experts of the largest layer) is the only GPU memory this takes.
+The split is one rule written twice: `pulled_slot` (Triton), which the hand-off's send kernel
+(kernels/gpu/handoff.py: the CPU's ids with the pulled ones set to -1) and `_gather_kernel` (which experts
+it copies) both call, and `cpu_share` (torch: its reference, and the eager first step's split). Weights
+stay in host memory; the staging buffer (n experts of the largest layer) is the only GPU memory this takes.
 """
 from __future__ import annotations
 
