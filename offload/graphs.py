@@ -7,7 +7,9 @@ flags in pinned host memory (kernels/gpu/handoff.py; offload/hybrid.py, Offloade
 
     GPU  embedding .. first MoE layer: attention, router; send: x, ids, weights -> pinned memory, flag
     CPU                                 (the worker, spinning on the flag) the layer's CPU experts -> pinned
-    GPU  the layer's shared and GPU experts meanwhile; receive: waits for the CPU's flag, adds its result
+    GPU  the layer's shared and GPU experts meanwhile, and the CPU experts it pulls from host memory
+         (kernels/gpu/pull.py: with --pull-experts the send hands the CPU the rest); receive: waits for
+         the CPU's flag, adds its result
     GPU  residual .. the next MoE layer's send ...                   and last: final norm, head -> logits
 
 The worker's thread launches the graph and then runs the layers one after another, each a compiled call

@@ -12,7 +12,9 @@ one decode step"):
     GPU meanwhile: shared experts + routed experts the plan put on the GPU (kernels/gpu/moe.py)
     CPU result --copy--> summed on the GPU
 
-A pair (token, expert) is computed on exactly one side: the other side sees its id as -1. The token
+In a decode step replayed as a CUDA graph the GPU may also take some of the CPU's pairs itself, reading
+those experts from host memory (`pulled`, kernels/gpu/pull.py). A pair (token, expert) is computed on
+exactly one side: the other side sees its id as -1. The token
 embedding and the output head live where the plan says; the latent cache is on the GPU. With the device
 "cpu" the same code runs everything on the CPU (torch for attention, Numba for experts, and for the linear
 layers of a decode step, which read their GGUF blocks: BlockLinear): the CPU-only mode, and the way tests
