@@ -314,10 +314,7 @@ class LayerCall:
         """Run the layer on numba.get_num_threads() threads; returns out (numpy, shared with the buffer).
         In calls of gemm.GEMM_MIN_CALL tokens or more, experts with GEMM_MIN_TOKENS tokens or more go
         through kernels/cpu/gemm.py instead (torch's own threads), the rest through the row kernels."""
-        global _compiled
-        if not _compiled:
-            _compile_notice()
-            _compiled = True
+        _compile_notice()
         inputs, ids, many = self._inputs, self.ids, ()
         if ids.shape[0] >= max(gemm.GEMM_MIN_CALL, gemm.GEMM_MIN_TOKENS) and gemm.enabled():
             counts = np.bincount(ids[ids >= 0], minlength=self.experts.n_expert)
@@ -337,10 +334,7 @@ class LayerCall:
         The flags are int64 in one array (pinned host memory when a GPU writes or reads them). Returns
         False, without running, if sync[i_abort] reaches step first; raises TimeoutError after `timeout`
         seconds without either. The row kernels only: a decode step's layers have one token."""
-        global _compiled
-        if not _compiled:
-            _compile_notice()
-            _compiled = True
+        _compile_notice()
         deadline = None
         while True:
             ran = _synced_layer(sync, i_ready, i_done, i_abort, step, SPINS, *self._inputs, numba.get_num_threads(),
@@ -363,7 +357,12 @@ def _numpy(a, dtype, name: str) -> np.ndarray:
 
 
 def _compile_notice() -> None:
-    """One line on stderr before the first call, which compiles (or loads from Numba's cache) the kernels."""
+    """One line on stderr before the first call, which compiles (or loads from Numba's cache) the kernels;
+    nothing after it."""
+    global _compiled
+    if _compiled:
+        return
+    _compiled = True
     if not _moe_layer.signatures:
         print("dslocal: compiling the CPU MoE kernels, or loading them from Numba's disk cache...",
               file=sys.stderr, flush=True)

@@ -96,25 +96,24 @@ class GPUExperts:
         # buffer: a gather (host[ids]) first would write every byte once more, into fresh pages
         cut = np.flatnonzero(np.diff(ids) != 1) + 1
         runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(ids, cut)] if ids.size else []
+        def copy_runs(dst: torch.Tensor, host: np.ndarray) -> torch.Tensor:
+            at = 0
+            for a, b in runs:
+                dst[at:at + b - a].copy_(_host_tensor(host[a:b]), non_blocking=True)
+                at += b - a
+            return dst
+
         mats, used = [], 0
         for name in ("gate", "up", "down"):
             t = getattr(experts, name + "_type")
             host = getattr(experts, name)                                        # (E, rows, row_bytes)
+            shape = (len(ids), *host.shape[1:])
             if registered:
-                raw = torch.empty((len(ids), *host.shape[1:]), dtype=torch.uint8, device=device)
-                at = 0
-                for a, b in runs:
-                    raw[at:at + b - a].copy_(_host_tensor(host[a:b]), non_blocking=True)
-                    at += b - a
+                raw = copy_runs(torch.empty(shape, dtype=torch.uint8, device=device), host)
             elif staging is None:
                 raw = _host_tensor(host[ids]).to(device)
             else:
-                shape = (len(ids), *host.shape[1:])
-                pinned = staging[used:used + int(np.prod(shape))].view(shape)
-                at = 0
-                for a, b in runs:
-                    pinned[at:at + b - a].copy_(_host_tensor(host[a:b]))
-                    at += b - a
+                pinned = copy_runs(staging[used:used + int(np.prod(shape))].view(shape), host)
                 raw = pinned.to(device, non_blocking=True)
                 used += pinned.numel()
             if t not in KEEP_BLOCKS:

@@ -184,6 +184,10 @@ class PulledExperts:
         self.staged = GPUExperts(*mats, experts.gate_type, experts.up_type, experts.down_type,
                                  experts.hidden, experts.ffn, kept=PULL_TYPES)
         self._dst = [m.view(n_pull, -1).view(width) for m in mats]
+        per_program = CHUNK_BYTES // width.itemsize              # elements one gather program copies
+        self._block = min(1024, per_program)
+        self._grid = (n_pull, triton.cdiv(max(d.shape[1] for d in self._dst), per_program), 3)
+        self._iters = per_program // self._block
         device = staging.device
         self.slot_id = torch.full((1, n_pull), -1, dtype=torch.long, device=device)
         self.slot_w = torch.zeros((1, n_pull), dtype=torch.float32, device=device)
@@ -199,12 +203,9 @@ class PulledExperts:
         K = cpu_ids.shape[-1]
         if cpu_ids.shape[0] != 1 or not cpu_ids.is_contiguous() or not w.is_contiguous():
             raise ValueError("pulled experts serve one token's contiguous (1, K) ids and weights")
-        per_program = CHUNK_BYTES // self._dst[0].element_size()          # elements
-        block = min(1024, per_program)
-        chunks = triton.cdiv(max(d.shape[1] for d in self._dst), per_program)
         g, u, d = self._src
         sg, su, sd = self._dst
-        _gather_kernel[(self.n, chunks, 3)](
+        _gather_kernel[self._grid](
             cpu_ids, w, K, self.n, self.slot_id, self.slot_w, g, u, d, sg, su, sd, g.shape[1], u.shape[1], d.shape[1],
-            BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK=block, ITER=per_program // block, num_warps=4)
+            BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK=self._block, ITER=self._iters, num_warps=4)
         return moe_ffn(x, self.slot_id, self.slot_w, self.staged, out=self.out)

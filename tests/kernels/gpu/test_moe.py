@@ -175,3 +175,7 @@ def test_staged_copy_equals_the_direct_copy(device):
     staged = GPUExperts.from_experts(ex, ids, device, torch.float32, staging=staging)
     for name in ("gate", "up", "down"):
         assert torch.equal(getattr(direct, name), getattr(staged, name)), name
+    if device == "cpu":      # registered host memory is copied in place the same way (on CUDA: test_pull.py)
+        in_place = GPUExperts.from_experts(ex, ids, device, torch.float32, registered=True)
+        for name in ("gate", "up", "down"):
+            assert torch.equal(getattr(direct, name), getattr(in_place, name)), name
