@@ -62,19 +62,19 @@ class DecodeGraphs:
         self._capturing = False
 
     # -- called by OffloadedMoE while a step runs or is captured ----------------------------------------
-    def send(self, moe: OffloadedMoE, xf: torch.Tensor, cpu_ids: torch.Tensor, w: torch.Tensor) -> None:
-        """Hand the layer's CPU experts their inputs: xf (T, D) f32, cpu_ids and w (T, K)."""
+    def send(self, moe: OffloadedMoE, x: torch.Tensor, cpu_ids: torch.Tensor, w: torch.Tensor) -> None:
+        """Hand the layer's CPU experts their inputs: x (T, D) (float32 on the host side), cpu_ids and w (T, K)."""
         x_host, ids_host, w_host, _ = self._layer_buffers(moe, *cpu_ids.shape)
         if self._capturing:
             from dslocal.kernels.gpu import handoff
             j = self.handoffs.index(moe)
-            handoff.send(xf, cpu_ids, w, x_host, ids_host, w_host, self._sync, self._flag(j, "ready"), self._step,
+            handoff.send(x, cpu_ids, w, x_host, ids_host, w_host, self._sync, self._flag(j, "ready"), self._step,
                          moe.n_pull)
             return
         if moe in self.handoffs:
             raise RuntimeError("a decode step handed the same layer to the CPU twice")
         self.handoffs.append(moe)
-        x_host.copy_(xf, non_blocking=True)       # fp32 on both sides: a plain copy, no conversion kernel
+        x_host.copy_(x, non_blocking=True)
         if moe.n_pull:
             from dslocal.kernels.gpu.pull import cpu_share
             cpu_ids = cpu_share(cpu_ids, moe.n_pull)[0]

@@ -134,12 +134,12 @@ class OffloadedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                            # (M, D)
-        xf = x.float()             # the router's and the CPU experts' input, converted once
-        ids, w, cpu_ids = self._route(xf)                                       # (M, K), on x's device
+        ids, w, cpu_ids = self._route(x)                                        # (M, K), on x's device
         stream = self.n_cpu and self.streamer is not None and x.shape[0] >= STREAM_MIN_TOKENS
         overlap = self.n_cpu and self.worker is not None and not stream
         if overlap and self.graph_step is not None:
-            return self._forward_in_graph_step(x, xf, ids, w, cpu_ids).view(shape)
+            return self._forward_in_graph_step(x, ids, w, cpu_ids).view(shape)
+        xf = x.float()                     # the CPU experts' input
         if overlap:
             self.worker.submit(xf, cpu_ids, w, self.experts)                   # returns at once
         try:
@@ -163,12 +163,12 @@ class OffloadedMoE(nn.Module):
         routing counts updated. On CUDA all but the logits matmul is one kernel (kernels/gpu/router.py)."""
         r = self.router
         if fused(x):
-            from dslocal.kernels.gpu.router import route
+            from dslocal.kernels.gpu.router import route, router_logits
             cfg = r.cfg
-            return route(r.logits(x), r.bias, cfg.n_expert_used, cfg.gating, cfg.n_group,
+            return route(router_logits(x, r.weight), r.bias, cfg.n_expert_used, cfg.gating, cfg.n_group,
                          cfg.n_group_used, cfg.expert_weights_norm, cfg.expert_weights_scale, self.cpu_id,
                          self.counts)
-        ids, w = r(x)
+        ids, w = r(x.float())
         self.counts.scatter_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))
         return ids, w, self.cpu_id[ids]
 
@@ -179,15 +179,15 @@ class OffloadedMoE(nn.Module):
             y += self._gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
         return y
 
-    def _forward_in_graph_step(self, x: torch.Tensor, xf: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+    def _forward_in_graph_step(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
                                cpu_ids: torch.Tensor) -> torch.Tensor:
         """The same layer as a decode step of offload/graphs.py runs it: the CPU experts' inputs handed
-        over, the GPU's own experts computed meanwhile (and those it pulls from host memory), the CPU's
-        result added when it is there."""
-        self.graph_step.send(self, xf, cpu_ids, w)
+        over (as float32, converted by the send), the GPU's own experts computed meanwhile (and those it
+        pulls from host memory), the CPU's result added when it is there."""
+        self.graph_step.send(self, x, cpu_ids, w)
         y = self._gpu_part(x, ids, w)
         if self.pulled is not None:
-            y += self.pulled(xf, cpu_ids, w)
+            y += self.pulled(x, cpu_ids, w)
         return self.graph_step.receive(self, y, x.dtype)
 
     @property
@@ -225,6 +225,9 @@ def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: 
     for i, block in enumerate(model.layers):
         if cfg.is_moe_layer(i):
             block.ffn = OffloadedMoE(block.ffn, from_gguf(f, i), placement.layers[i].gpu_experts, gpu, worker)
+    if gpu.type == "cuda":
+        for block in model.layers:
+            block.attn.merge_input_projections()
     if stream_prefill and gpu.type == "cuda":
         attach_streamer(model, gpu)
     if gpu.type == "cpu":

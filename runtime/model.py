@@ -157,24 +157,40 @@ class MLA(nn.Module):
         self.wo = Linear(H * Vh, D)
         self.act_k_b: str | None = None   # activation rounding for the wk_b and wv_b products
         self.act_v_b: str | None = None
+        self.w_in: torch.Tensor | None = None   # both input projections' weights in one (merge_input_projections)
+
+    def merge_input_projections(self) -> None:
+        """Let one matrix product compute both projections of x (wq or wq_a, and wkv_a): their weights become
+        two views of one (n_q + C + R, D) tensor, w_in. For inference on the model's final device (a later
+        .to() would separate the views); kept apart where llama.cpp's activation rounding is emulated."""
+        first = self.wq if hasattr(self, "wq") else self.wq_a
+        if first.act is not None or self.wkv_a.act is not None or self.w_in is not None:
+            return
+        w = torch.cat([first.weight.detach(), self.wkv_a.weight.detach()])
+        first.weight = nn.Parameter(w[:first.out_features], requires_grad=False)
+        self.wkv_a.weight = nn.Parameter(w[first.out_features:], requires_grad=False)
+        self.w_in = w
 
     def forward(self, x, cos, sin, cache: LatentCache | None, layer: int, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        if hasattr(self, "wq"):
-            q = self.wq(x)
+        first = self.wq if hasattr(self, "wq") else self.wq_a
+        if self.w_in is not None:
+            both = Fn.linear(x, self.w_in)
+            q, kv = both[..., :first.out_features], both[..., first.out_features:]       # views
         else:
-            q = self.wq_b(self.q_norm(self.wq_a(x)))
+            q, kv = first(x), self.wkv_a(x)                                      # kv (B, T, C + R)
+        if not hasattr(self, "wq"):
+            q = self.wq_b(self.q_norm(q))
         q = q.view(B, T, self.H, self.N + self.R)
-        kv = self.wkv_a(x)                                               # (B, T, C + R)
+        if cache is not None and fused(x) and T <= DECODE_TOKENS:
+            return self._decode(x, q, kv, cos, sin, cache, layer, start)
         if cache is not None and fused(x):
             # rope of q_pe, and the latent normed, roped and written to the cache: one kernel each
             from dslocal.kernels.gpu.rope import latent_to_cache, rope
             q_nope, q_pe = q[..., :self.N], rope(q[..., self.N:], cos, sin)
             latent_to_cache(kv, self.kv_norm.weight, self.kv_norm.eps, cos, sin, cache.kv[layer], cache.pe[layer],
                             start)
-            c_kv = k_pe = None      # a captured decode step (start on the device) reads the cache itself
-            if isinstance(start, int):
-                c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
+            c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
         else:
             q_nope, q_pe = q[..., :self.N], apply_rope(q[..., self.N:], cos[:, None], sin[:, None])
             c_kv = self.kv_norm(kv[..., :self.C])                        # (B, T, C)
@@ -190,19 +206,23 @@ class MLA(nn.Module):
                 c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
         # Absorb wk_b into the query: q_nope . (wk_b c) = (wk_b^T q_nope) . c, so keys stay latent.
         q_nope = round_activations(q_nope, self.act_k_b)
-        if cache is not None and fused(x) and T <= DECODE_TOKENS:
-            # decode on a GPU: the absorbed products and the attention in Triton (kernels/gpu/absorb.py, the
-            # flash-decoding pair of kernels/gpu/mla.py), the same arithmetic in fewer launches
-            from dslocal.kernels.gpu.absorb import absorb_o, absorb_q
-            from dslocal.kernels.gpu.mla import mla_decode
-            length = start + T if isinstance(start, int) else (start + T).to(torch.int32)
-            o_lat = mla_decode(absorb_q(q_nope, self.wk_b), q_pe, cache.kv[layer], cache.pe[layer], length,
-                               self.scale)
-            return self.wo(absorb_o(round_activations(o_lat, self.act_v_b), self.wv_b, x.dtype).flatten(2))
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope.float(), self.wk_b.float())
         o_lat = round_activations(self._attend(q_lat, q_pe, c_kv, k_pe, start), self.act_v_b)
         o = torch.einsum("bthc,hvc->bthv", o_lat, self.wv_b.float())                   # (B, T, H, Vh)
         return self.wo(o.flatten(2).to(x.dtype))
+
+    def _decode(self, x, q, kv, cos, sin, cache: LatentCache, layer: int, start) -> torch.Tensor:
+        """A few new tokens on a GPU: the same arithmetic in Triton (kernels/gpu/absorb.py: the absorbed
+        products, the ropes and the cache write; kernels/gpu/mla.py: flash-decoding over the latent cache).
+        start may be a 0-d device tensor (a decode step replayed as a CUDA graph)."""
+        from dslocal.kernels.gpu.absorb import absorb_o, decode_queries
+        from dslocal.kernels.gpu.mla import mla_decode
+        if self.act_k_b is not None:
+            q = torch.cat([round_activations(q[..., :self.N], self.act_k_b), q[..., self.N:]], -1)
+        q_lat, q_pe = decode_queries(q, self.wk_b, cos, sin, kv, self.kv_norm.weight, self.kv_norm.eps,
+                                     cache.kv[layer], cache.pe[layer], start)
+        o_lat = mla_decode(q_lat, q_pe, cache.kv[layer], cache.pe[layer], start, self.scale, length_add=q.shape[1])
+        return self.wo(absorb_o(round_activations(o_lat, self.act_v_b), self.wv_b, x.dtype).flatten(2))
 
     def _attend(self, q_lat, q_pe, c_kv, k_pe, start: int) -> torch.Tensor:
         """softmax(q_lat . c_kv + q_pe . k_pe) . c_kv over the causal positions -> o_lat (B, T, H, C) fp32."""

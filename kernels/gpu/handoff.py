@@ -48,12 +48,12 @@ def _now_ns():
 @triton.jit
 def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N, NK, n_pull,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x (N,) f32, ids (NK,) int64, w (NK,) f32 copied to their host buffers, then sync[i_ready] = step.
+    """x (N,) as f32, ids (NK,) int64, w (NK,) f32 copied to their host buffers, then sync[i_ready] = step.
     With n_pull > 0 (one token: NK = K) the ids the GPU pulls (kernels/gpu/pull.py) arrive as -1."""
     o = tl.arange(0, BLOCK_N)
     for start in range(0, N, BLOCK_N):
         m = start + o < N
-        tl.store(p_xh + start + o, tl.load(p_x + start + o, mask=m), mask=m)
+        tl.store(p_xh + start + o, tl.load(p_x + start + o, mask=m).to(tl.float32), mask=m)
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < NK
     ids = tl.load(p_ids + o_k, mask=m_k, other=-1)
@@ -99,14 +99,16 @@ def _check_host(t: torch.Tensor, name: str) -> None:
 
 def send(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_host: torch.Tensor, ids_host: torch.Tensor,
          w_host: torch.Tensor, sync: torch.Tensor, i_ready: int, step: torch.Tensor, n_pull: int = 0) -> None:
-    """Copy x (M, D) f32, ids (M, K) int64 and w (M, K) f32 from the GPU into their pinned host buffers
-    (same shapes and dtypes), then set sync[i_ready] = step[0] (sync: pinned int64, step: int64 on x's device).
+    """Copy x (M, D), ids (M, K) int64 and w (M, K) f32 from the GPU into their pinned host buffers (same
+    shapes; x_host f32, x f32 or half precision, converted on the way), then set sync[i_ready] = step[0]
+    (sync: pinned int64, step: int64 on x's device).
     n_pull > 0 (M = 1 only): the last n_pull CPU experts are the GPU's (kernels/gpu/pull.py) and reach the
     host as -1."""
-    for t, host, dtype, name in ((x, x_host, torch.float32, "x"), (ids, ids_host, torch.int64, "ids"),
-                                 (w, w_host, torch.float32, "w")):
-        if t.dtype != dtype or host.dtype != dtype or t.shape != host.shape or not t.is_contiguous():
-            raise ValueError(f"send needs {name} and its host buffer as contiguous {dtype} of one shape")
+    for t, host, dtypes, name in ((x, x_host, (torch.float32, torch.bfloat16, torch.float16), "x"),
+                                  (ids, ids_host, (torch.int64,), "ids"), (w, w_host, (torch.float32,), "w")):
+        if t.dtype not in dtypes or host.dtype != dtypes[0] or t.shape != host.shape or not t.is_contiguous():
+            raise ValueError(f"send needs {name} as contiguous {' or '.join(map(str, dtypes))} and its host buffer "
+                             f"as {dtypes[0]} of the same shape")
         _check_host(host, f"the host buffer of {name}")
     _check_host(sync, "sync")
     if n_pull and ids.shape[0] != 1:

@@ -7,7 +7,7 @@ So one cache tile (BLOCK_N positions of C + R values) serves a whole block of qu
 products, and the cache is read once per (batch, head block) instead of once per head.
 Stage 1 splits the positions over P programs per (batch, head block), each with an online softmax
 (Milakov & Gimelshein 2018); stage 2 merges the P partial outputs by their log-sum-exp (flash-decoding).
-`length` may be a 0-d int32 device tensor: the grid then depends only on S_max, and a captured CUDA graph
+`length` may be a 0-d integer device tensor (plus a fixed length_add): the grid then depends only on S_max, and a captured CUDA graph
 replays at any length up to S_max (splits past the length find no positions and exit).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _split_len(length, n_split, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["length"])
-def _mla_split_kernel(p_q, p_qpe, p_kv, p_pe, p_len, p_opart, p_lse, length, scale_log2e,
+def _mla_split_kernel(p_q, p_qpe, p_kv, p_pe, p_len, p_opart, p_lse, length, len_add, scale_log2e,
                       stride_q_b, stride_q_t, stride_q_h, stride_qpe_b, stride_qpe_t, stride_qpe_h,
                       stride_kv_b, stride_kv_s, stride_pe_b, stride_pe_s, T, H, C, R, n_split,
                       LEN_ON_DEVICE: tl.constexpr, DOT_IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -40,7 +40,7 @@ def _mla_split_kernel(p_q, p_qpe, p_kv, p_pe, p_len, p_opart, p_lse, length, sca
     Writes the split's normalized output opart (B*T*H, P, C) and its log2-sum-exp lse (B*T*H, P)."""
     i_b, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if LEN_ON_DEVICE:
-        length = tl.load(p_len)
+        length = tl.load(p_len).to(tl.int32) + len_add
     TH = T * H
     o_row = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     m_row = o_row < TH
@@ -113,12 +113,12 @@ def _mla_split_kernel(p_q, p_qpe, p_kv, p_pe, p_len, p_opart, p_lse, length, sca
 
 
 @triton.jit(do_not_specialize=["length"])
-def _mla_merge_kernel(p_opart, p_lse, p_o, p_len, length, C, n_split, LEN_ON_DEVICE: tl.constexpr,
+def _mla_merge_kernel(p_opart, p_lse, p_o, p_len, length, len_add, C, n_split, LEN_ON_DEVICE: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid (B*T*H,): o[row] = sum_p 2^(lse_p - lse) opart[row, p] over the splits that hold positions."""
     i_row = tl.program_id(0).to(tl.int64)
     if LEN_ON_DEVICE:
-        length = tl.load(p_len)
+        length = tl.load(p_len).to(tl.int32) + len_add
     n_used = tl.cdiv(length, _split_len(length, n_split, BLOCK_N))
     o_p = tl.arange(0, BLOCK_P)
     b_lse = tl.load(p_lse + i_row * n_split + o_p, mask=o_p < n_used, other=float("-inf"))
@@ -163,16 +163,19 @@ def _check(q_lat, q_pe, kv, pe, length) -> None:
     if len({t.device for t in (q_lat, q_pe, kv, pe)}) != 1:
         raise ValueError("mla_decode inputs are on different devices")
     if isinstance(length, torch.Tensor):
-        if length.numel() != 1 or length.dtype != torch.int32 or length.device != kv.device:
-            raise ValueError("a tensor length must be one int32 value on the cache's device")
+        if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64) or length.device != kv.device:
+            raise ValueError("a tensor length must be one int32 or int64 value on the cache's device")
     elif not T <= length <= S_max:
         raise ValueError(f"length {length} must lie between T = {T} and the cache length {S_max}")
 
 
-def mla_decode(q_lat, q_pe, kv, pe, length, scale):
+def mla_decode(q_lat, q_pe, kv, pe, length, scale, length_add=0):
     """Absorbed MLA attention of the last T of `length` cached positions (kernels/ref.py::mla_decode).
-    q_lat (B, T, H, C), q_pe (B, T, H, R), kv (B, S_max, C), pe (B, S_max, R), length int or 0-d int32
-    device tensor (then T <= length <= S_max is the caller's duty) -> o_lat (B, T, H, C) fp32."""
+    q_lat (B, T, H, C), q_pe (B, T, H, R), kv (B, S_max, C), pe (B, S_max, R), length int or 0-d int32 / int64
+    device tensor, to which the kernels add length_add (a decode step passes its position and T: no kernel
+    computes the sum first; T <= length <= S_max is then the caller's duty) -> o_lat (B, T, H, C) fp32."""
+    if not isinstance(length, torch.Tensor):
+        length, length_add = int(length) + length_add, 0
     _check(q_lat, q_pe, kv, pe, length)
     B, T, H, C = q_lat.shape
     R, S_max = q_pe.shape[3], kv.shape[1]
@@ -188,11 +191,11 @@ def mla_decode(q_lat, q_pe, kv, pe, length, scale):
     block_c = max(16, triton.next_power_of_2(C))
     block_r = max(16, triton.next_power_of_2(R))
     _mla_split_kernel[(B, n_hblock, n_split)](
-        q_lat, q_pe, kv, pe, p_len, opart, lse, n, scale * math.log2(math.e),
+        q_lat, q_pe, kv, pe, p_len, opart, lse, n, int(length_add), scale * math.log2(math.e),
         *q_lat.stride()[:3], *q_pe.stride()[:3], *kv.stride()[:2], *pe.stride()[:2], T, H, C, R, n_split,
         LEN_ON_DEVICE=on_device, DOT_IEEE=kv.dtype == torch.float32, BLOCK_H=BLOCK_H, BLOCK_N=block_n,
         BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4, num_stages=2)
     _mla_merge_kernel[(B * T * H,)](
-        opart, lse, out, p_len, n, C, n_split, LEN_ON_DEVICE=on_device, BLOCK_N=block_n,
+        opart, lse, out, p_len, n, int(length_add), C, n_split, LEN_ON_DEVICE=on_device, BLOCK_N=block_n,
         BLOCK_P=triton.next_power_of_2(n_split), BLOCK_C=block_c, num_warps=4)
     return out

@@ -50,13 +50,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     B, T, H, R = x.shape
     if x.stride(-1) != 1 or R % 2:
         raise ValueError(f"rope needs pairs contiguous along the last axis of {tuple(x.shape)}")
-    cos, sin = _angles(cos, sin, T, R, x.device)
+    cos, sin = angles(cos, sin, T, R, x.device)
     y = torch.empty((B, T, H, R), dtype=x.dtype, device=x.device)
     block_h = min(H, 16)
     _rope_kernel[(B * T, triton.cdiv(H, block_h))](
         x, cos, sin, y, x.stride(0), x.stride(1), x.stride(2), T, H, R // 2,
         BLOCK_H=block_h, BLOCK_I=triton.next_power_of_2(R // 2), num_warps=1)
     return y
+
+
+@triton.jit
+def _latent_row(p_kv, p_w, p_cos, p_sin, p_ckv, p_cpe, pos, eps, C, R_HALF, BLOCK_C: tl.constexpr,
+                BLOCK_I: tl.constexpr):
+    """One row of kv at p_kv (C + R values) -> cache rows at position pos of c_kv (normed) and k_pe (roped
+    by the angles at p_cos, p_sin); p_ckv, p_cpe: the batch row's caches."""
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_c = tl.load(p_kv + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_rstd = tl.rsqrt(tl.sum(b_c * b_c, 0) / C + eps)
+    b_w = tl.load(p_w + o_c, mask=m_c, other=0.0).to(tl.float32)
+    tl.store(p_ckv + pos * C + o_c, (b_c * b_rstd * b_w).to(p_ckv.dtype.element_ty), mask=m_c)
+    o_i = tl.arange(0, BLOCK_I)
+    _rotate(p_kv + C, p_cpe + pos * 2 * R_HALF, p_cos, p_sin, o_i, o_i < R_HALF)
 
 
 @triton.jit(do_not_specialize=["start"])
@@ -68,18 +83,9 @@ def _latent_kernel(p_kv, p_w, p_cos, p_sin, p_ckv, p_cpe, p_start, start, eps, s
     i_b, i_t = i_bt // T, i_bt % T
     if START_ON_DEVICE:
         start = tl.load(p_start)
-    pos = (start + i_t).to(tl.int64)
-    src = p_kv + i_b.to(tl.int64) * stride_kv_b + i_t * stride_kv_t
-    o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    b_c = tl.load(src + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_rstd = tl.rsqrt(tl.sum(b_c * b_c, 0) / C + eps)
-    b_w = tl.load(p_w + o_c, mask=m_c, other=0.0).to(tl.float32)
-    dst_c = p_ckv + i_b.to(tl.int64) * stride_ckv_b + pos * C
-    tl.store(dst_c + o_c, (b_c * b_rstd * b_w).to(p_ckv.dtype.element_ty), mask=m_c)
-    o_i = tl.arange(0, BLOCK_I)
-    dst_pe = p_cpe + i_b.to(tl.int64) * stride_cpe_b + pos * 2 * R_HALF
-    _rotate(src + C, dst_pe, p_cos + i_t * R_HALF, p_sin + i_t * R_HALF, o_i, o_i < R_HALF)
+    _latent_row(p_kv + i_b.to(tl.int64) * stride_kv_b + i_t * stride_kv_t, p_w, p_cos + i_t * R_HALF,
+                p_sin + i_t * R_HALF, p_ckv + i_b.to(tl.int64) * stride_ckv_b, p_cpe + i_b.to(tl.int64) * stride_cpe_b,
+                (start + i_t).to(tl.int64), eps, C, R_HALF, BLOCK_C, BLOCK_I)
 
 
 def latent_to_cache(kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
@@ -87,13 +93,10 @@ def latent_to_cache(kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: tor
     """kv (B, T, C + R) with a contiguous last axis; weight (C,) the kv_norm weight; cache_kv (B, S_max, C)
     and cache_pe (B, S_max, R) contiguous rows; start an int or a 0-d integer device tensor (a decode step
     replayed as a CUDA graph). Writes rows start..start+T-1 of both; the caller keeps start + T <= S_max."""
-    B, T, CR = kv.shape
+    check_latent(kv, weight, cache_kv, cache_pe)
+    B, T, _ = kv.shape
     C, R = cache_kv.shape[-1], cache_pe.shape[-1]
-    if CR != C + R or kv.stride(-1) != 1 or cache_kv.stride(-1) != 1 or cache_pe.stride(-1) != 1 \
-            or cache_kv.stride(1) != C or cache_pe.stride(1) != R or weight.shape != (C,):
-        raise ValueError(f"latent_to_cache: kv {tuple(kv.shape)} must be C + R = {C} + {R} wide with the cache "
-                         f"rows and a ({C},) weight contiguous")
-    cos, sin = _angles(cos, sin, T, R, kv.device)
+    cos, sin = angles(cos, sin, T, R, kv.device)
     on_device = isinstance(start, torch.Tensor)
     _latent_kernel[(B * T,)](
         kv, weight, cos, sin, cache_kv, cache_pe, start if on_device else kv, 0 if on_device else int(start),
@@ -102,7 +105,16 @@ def latent_to_cache(kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: tor
         num_warps=4)
 
 
-def _angles(cos, sin, T: int, R: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def check_latent(kv: torch.Tensor, weight: torch.Tensor, cache_kv: torch.Tensor, cache_pe: torch.Tensor) -> None:
+    """Raises unless kv (B, T, C + R), weight (C,) and the caches are laid out as latent_to_cache needs."""
+    C, R = cache_kv.shape[-1], cache_pe.shape[-1]
+    if kv.dim() != 3 or kv.shape[2] != C + R or kv.stride(-1) != 1 or cache_kv.stride(-1) != 1 \
+            or cache_pe.stride(-1) != 1 or cache_kv.stride(1) != C or cache_pe.stride(1) != R or weight.shape != (C,):
+        raise ValueError(f"latent_to_cache: kv {tuple(kv.shape)} must be C + R = {C} + {R} wide with the cache "
+                         f"rows and a ({C},) weight contiguous")
+
+
+def angles(cos, sin, T: int, R: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     if cos.shape != (T, R // 2) or sin.shape != (T, R // 2):
         raise ValueError(f"cos and sin must be ({T}, {R // 2}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
     return (cos.to(device, torch.float32).contiguous(), sin.to(device, torch.float32).contiguous())

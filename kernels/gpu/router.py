@@ -1,4 +1,5 @@
-"""The MoE router after its logits matmul in one Triton kernel: gating, group-limited top-k, weights, counts.
+"""The MoE router in Triton: its logits for a decode step's few tokens (router_logits), then one kernel for
+gating, group-limited top-k, weights, counts (route).
 
 Shapes: M tokens, E experts, K experts per token, G expert groups of E/G. Same result as runtime/model.py
 Router.route from the logits on (DeepSeek-V3 paper section 2.1.2; llama.cpp build_moe_ffn), plus the
@@ -27,6 +28,44 @@ import triton.language as tl
 from dslocal.runtime.config import GATING_SIGMOID, GATING_SOFTMAX
 
 NORM_MIN = tl.constexpr(6.103515625e-5)   # 2^-14: the floor on the weight sum in Router.route
+LOGITS_MAX_ROWS = 4      # router_logits runs its own kernel up to this many tokens (decode), torch's beyond
+LOGITS_BLOCK_E = 2       # experts per program: V2-Lite's 64 take 32 programs, V3's 256 take 128
+LOGITS_BLOCK_D = 512
+
+
+@triton.jit
+def _logits_kernel(p_x, p_w, p_out, stride_x, D, E, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (M, cdiv(E, BLOCK_E)): logits[m, e] = sum_d x[m, d] w[e, d], x in its own dtype, sums in fp32."""
+    i_m, i_e = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    o_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    m_e = o_e < E
+    b_acc = tl.zeros((BLOCK_E, BLOCK_D), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_x = tl.load(p_x + i_m * stride_x + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + o_e[:, None].to(tl.int64) * D + o_d[None, :], mask=m_e[:, None] & m_d[None, :],
+                      other=0.0)
+        b_acc += b_w.to(tl.float32) * b_x[None, :]
+    tl.store(p_out + i_m * E + o_e, tl.sum(b_acc, 1), mask=m_e)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router.logits: x (M, D) in any float dtype, weight (E, D) fp32 -> (M, E) fp32 = x.float() @ weight.t().
+    For a decode step's few rows one kernel reads x as it is (torch needs a float copy of x first and
+    then two kernels for the product); longer inputs go to torch."""
+    M, D = x.shape
+    if M > LOGITS_MAX_ROWS or weight.dtype != torch.float32 or not weight.is_contiguous():
+        return x.float() @ weight.float().t()
+    if weight.shape[1] != D or x.stride(-1) != 1 or weight.device != x.device:
+        raise ValueError(f"router_logits: x {tuple(x.shape)} against weight {tuple(weight.shape)}")
+    E = weight.shape[0]
+    out = torch.empty((M, E), dtype=torch.float32, device=x.device)
+    if M:
+        _logits_kernel[(M, triton.cdiv(E, LOGITS_BLOCK_E))](x, weight, out, x.stride(0), D, E,
+                                                          BLOCK_E=LOGITS_BLOCK_E, BLOCK_D=LOGITS_BLOCK_D,
+                                                          num_warps=4)
+    return out
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """On CUDA, inference runs the model through kernels/gpu (fused norms with the residual add, rope and the
-latent cache write, MLA decode): the same logits as the torch code that training uses, with and without a cache, and autocast
-evaluation (mixed dtypes) keeps the torch code. Needs a GPU; the kernels themselves are tested against
-their references in tests/kernels/gpu, in CI through the Triton interpreter."""
+latent cache write, MLA decode): the same logits as the torch code that training uses, with and without a cache,
+also with MLA's two input projections merged into one product, and autocast evaluation (mixed dtypes) keeps
+the torch code. Needs a GPU, but for the merged projections on the CPU; the kernels themselves are tested
+against their references in tests/kernels/gpu, in CI through the Triton interpreter."""
 import dataclasses
 
 import pytest
@@ -10,24 +11,34 @@ import torch
 from dslocal.quant.synthetic import PRESETS
 from dslocal.runtime.model import DeepSeek, LatentCache, fused, init_weights
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOL = 1e-4     # max |fused - torch| / max |torch| of the logits, fp32 weights
 
 
-def model_of(preset: str) -> DeepSeek:
+def model_of(preset: str, device: str = "cuda") -> DeepSeek:
     torch.manual_seed(0)
     m = DeepSeek(dataclasses.replace(PRESETS[preset], vocab_size=256))
     init_weights(m, std=0.05)
-    return m.cuda().eval()
+    return m.to(device).eval()
 
 
+def merge(m: DeepSeek) -> DeepSeek:
+    for block in m.layers:
+        block.attn.merge_input_projections()
+    return m
+
+
+@needs_cuda
+@pytest.mark.parametrize("merged", [False, True], ids=["apart", "merged"])
 @pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
-def test_fused_inference_equals_the_torch_path(preset):
+def test_fused_inference_equals_the_torch_path(preset, merged):
     m = model_of(preset)
     tokens = torch.randint(0, 256, (1, 9), device="cuda")
     want = m(tokens)                                      # grad enabled: the torch code
     with torch.no_grad():
         assert fused(torch.zeros(1, device="cuda"))
+        if merged:
+            merge(m)
         got = m(tokens)
         cache = LatentCache(m.cfg, 1, 16, torch.float32, "cuda")
         first = m(tokens[:, :5], cache, 0)                # prefill, then one token at a time
@@ -39,6 +50,26 @@ def test_fused_inference_equals_the_torch_path(preset):
         assert err < TOL
 
 
+@pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
+def test_merged_input_projections_change_no_output(preset):
+    """The two projections as views of one weight: the same parameters, the same logits (one product
+    instead of two may sum in another order: within 1e-5)."""
+    m = model_of(preset, "cpu")
+    tokens = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        want = m(tokens)
+        shapes = {n: p.shape for n, p in m.named_parameters()}
+        got = merge(m)(tokens)
+        attn = m.layers[0].attn
+        first = attn.wq if hasattr(attn, "wq") else attn.wq_a
+        assert attn.w_in is not None and first.weight.data_ptr() == attn.w_in.data_ptr()
+        assert attn.wkv_a.weight.data_ptr() == attn.w_in[first.out_features:].data_ptr()
+        assert {n: p.shape for n, p in m.named_parameters()} == shapes
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-5
+
+
+@needs_cuda
 def test_autocast_evaluation_keeps_the_torch_path():
     m = model_of("tiny-v3")
     tokens = torch.randint(0, 256, (2, 7), device="cuda")

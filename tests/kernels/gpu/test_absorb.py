@@ -7,7 +7,8 @@ output in half precision at most one unit in the last place from the fp32 refere
 import pytest
 import torch
 
-from dslocal.kernels.gpu.absorb import absorb_o, absorb_q
+from dslocal.kernels.gpu.absorb import absorb_o, absorb_q, decode_queries
+from dslocal.kernels.gpu.rope import latent_to_cache, rope
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -49,6 +50,32 @@ def test_absorb_o_matches_the_einsum(dtype, B, T, H, C, V):
         worst = ((got.float() - want).abs() / ulp).max().item()
         print(f"absorb_o {dtype} B{B} T{T} H{H} C{C} V{V}: {worst:.2f} ulp")
         assert worst <= 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,N,R,C,on_device", [(1, 1, 16, 128, 64, 512, True), (2, 3, 5, 24, 8, 40, False),
+                                                   (1, 2, 3, 16, 16, 64, True)])
+def test_decode_queries_is_the_three_kernels_in_one(dtype, B, T, H, N, R, C, on_device):
+    """decode_queries against absorb_q, rope and latent_to_cache (each tested against the model's torch code)
+    on the same strided views MLA passes: q_lat and q_pe equal to the bit, the cache rows too."""
+    g = torch.Generator().manual_seed(3)
+    both = torch.randn(B, T, H * (N + R) + C + R, generator=g).to(DEVICE, dtype)    # one GEMV's output
+    q = both[..., :H * (N + R)].view(B, T, H, N + R)
+    kv = both[..., H * (N + R):]
+    wk_b = (torch.randn(H, N, C, generator=g) / N ** 0.5).to(DEVICE, dtype)
+    w_norm = (1 + 0.3 * torch.randn(C, generator=g)).to(DEVICE)
+    a = torch.arange(5, 5 + T, dtype=torch.float64)[:, None] * (10000.0 ** (-torch.arange(0, R, 2) / R))[None]
+    cos, sin = a.cos().float().to(DEVICE), a.sin().float().to(DEVICE)
+    S, start = 16, 5
+    want_kv, want_pe = torch.zeros(B, S, C, dtype=dtype, device=DEVICE), torch.zeros(B, S, R, dtype=dtype, device=DEVICE)
+    latent_to_cache(kv, w_norm, 1e-6, cos, sin, want_kv, want_pe, start)
+    got_kv, got_pe = torch.zeros_like(want_kv), torch.zeros_like(want_pe)
+    at = torch.tensor(start, device=DEVICE) if on_device else start
+    q_lat, q_pe = decode_queries(q, wk_b, cos, sin, kv, w_norm, 1e-6, got_kv, got_pe, at)
+    assert q_lat.dtype == torch.float32 and q_pe.dtype == dtype and q_pe.is_contiguous()
+    assert torch.equal(q_lat, absorb_q(q[..., :N], wk_b))
+    assert torch.equal(q_pe, rope(q[..., N:], cos, sin))
+    assert torch.equal(got_kv, want_kv) and torch.equal(got_pe, want_pe)
 
 
 def test_absorb_refuses_mismatched_shapes():

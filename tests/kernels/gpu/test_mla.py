@@ -84,6 +84,16 @@ def test_length_on_device(S):
     check(out, ref.mla_decode(q_lat, q_pe, kv, pe, S, 0.2), torch.float32, f"device length {S}")
 
 
+@pytest.mark.parametrize("S,T", [(37, 1), (200, 2)])
+def test_length_from_a_position(S, T):
+    """A decode step's int64 position on the device plus T (length_add), and an int length plus length_add."""
+    q_lat, q_pe, kv, pe = inputs(1, T, 3, 64, 16, 200, torch.float32, seed=5)
+    want = ref.mla_decode(q_lat, q_pe, kv, pe, S, 0.2)
+    pos = torch.tensor(S - T, dtype=torch.int64, device=DEVICE)
+    check(mla.mla_decode(q_lat, q_pe, kv, pe, pos, 0.2, length_add=T), want, torch.float32, f"position {S - T} + {T}")
+    check(mla.mla_decode(q_lat, q_pe, kv, pe, S - T, 0.2, length_add=T), want, torch.float32, f"int {S - T} + {T}")
+
+
 @pytest.mark.parametrize("T", [1, 2])
 @pytest.mark.parametrize("op", [ref.mla_decode, mla.mla_decode], ids=["ref", "triton"])
 def test_matches_model_attention(op, T):
@@ -119,8 +129,8 @@ def test_rejects_bad_inputs():
         mla.mla_decode(q_lat, q_pe, kv, pe.half(), 5, 0.1)
     with pytest.raises(ValueError, match="shapes"):
         mla.mla_decode(q_lat, q_pe, kv[:, :, :32], pe, 5, 0.1)
-    with pytest.raises(ValueError, match="int32"):
-        mla.mla_decode(q_lat, q_pe, kv, pe, torch.tensor(5, device=DEVICE), 0.1)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        mla.mla_decode(q_lat, q_pe, kv, pe, torch.tensor(5.0, device=DEVICE), 0.1)
 
 
 @needs_cuda

@@ -1,4 +1,5 @@
-"""kernels/gpu/router.py::route against runtime.model.Router.route fed the same logits.
+"""kernels/gpu/router.py::route against runtime.model.Router.route fed the same logits; router_logits
+against the Router's own product.
 
 The reference Router gets hidden = E and an identity weight, so its `x.float() @ W.t()` hands it our logits
 exactly; it runs on the CPU in fp32. Without CUDA the kernel runs in the Triton interpreter (this folder's
@@ -89,6 +90,22 @@ def test_matches_router(name, M):
     assert torch.equal(cpu_ids.cpu(), cpu_id[ids_ref])
     ones = torch.ones(ids_ref.numel(), dtype=torch.long)
     assert torch.equal(counts_dev.cpu(), counts.scatter_add_(0, ids_ref.flatten(), ones))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("M,E,D", [(1, 64, 2048), (3, 17, 100), (4, 256, 7168), (9, 16, 64)])
+def test_router_logits_match_the_router(dtype, M, E, D):
+    """x in the model's dtype against Router.logits (x.float() @ W.t()): fp32 sums in another order, so
+    within 1e-5 of the largest logit; more rows than a decode step's go to torch."""
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, D + 5, generator=g).to(DEVICE, dtype)[:, :D]          # strided rows
+    w = (torch.randn(E, D, generator=g) / D ** 0.5).to(DEVICE)
+    want = x.float() @ w.t()
+    got = router.router_logits(x, w)
+    assert got.shape == (M, E) and got.dtype == torch.float32
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"router_logits {dtype} M{M} E{E} D{D}: {err:.1e}")
+    assert err < 1e-5
 
 
 def test_without_tables_and_strided_rows():
