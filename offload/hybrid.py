@@ -176,7 +176,7 @@ class OffloadedMoE(nn.Module):
         """Shared experts plus the routed experts kept on the GPU: (M, D) float32."""
         y = self.shared(x).float() if self.shared is not None else torch.zeros(x.shape, device=x.device)
         if self.gpu is not None:
-            y += self._gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu)
+            self._gpu_moe_ffn(x, self.gpu_slot[ids], w, self.gpu, out=y, accumulate=True)
         return y
 
     def _forward_in_graph_step(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
@@ -187,7 +187,7 @@ class OffloadedMoE(nn.Module):
         self.graph_step.send(self, x, cpu_ids, w)
         y = self._gpu_part(x, ids, w)
         if self.pulled is not None:
-            y += self.pulled(x, cpu_ids, w)
+            self.pulled(x, cpu_ids, w, out=y)
         return self.graph_step.receive(self, y, x.dtype)
 
     @property
@@ -226,8 +226,7 @@ def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: 
         if cfg.is_moe_layer(i):
             block.ffn = OffloadedMoE(block.ffn, from_gguf(f, i), placement.layers[i].gpu_experts, gpu, worker)
     if gpu.type == "cuda":
-        for block in model.layers:
-            block.attn.merge_input_projections()
+        model.merge_projections()
     if stream_prefill and gpu.type == "cuda":
         attach_streamer(model, gpu)
     if gpu.type == "cpu":

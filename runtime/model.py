@@ -244,8 +244,22 @@ class MLP(nn.Module):
         self.w_gate = Linear(dim, hidden)
         self.w_up = Linear(dim, hidden)
         self.w_down = Linear(hidden, dim)
+        self.w_gate_up: torch.Tensor | None = None   # both weights in one (merge_gate_up)
+
+    def merge_gate_up(self) -> None:
+        """Let one matrix product compute gate and up (as MLA.merge_input_projections: two views of one
+        (2 * hidden, dim) tensor, for inference on the model's final device)."""
+        if self.w_gate.act is not None or self.w_up.act is not None or self.w_gate_up is not None:
+            return
+        w = torch.cat([self.w_gate.weight.detach(), self.w_up.weight.detach()])
+        self.w_gate.weight = nn.Parameter(w[:self.w_gate.out_features], requires_grad=False)
+        self.w_up.weight = nn.Parameter(w[self.w_gate.out_features:], requires_grad=False)
+        self.w_gate_up = w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w_gate_up is not None and fused(x):
+            from dslocal.kernels.gpu.act import swiglu
+            return self.w_down(swiglu(Fn.linear(x, self.w_gate_up)))
         return self.w_down(Fn.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -451,6 +465,15 @@ class DeepSeek(nn.Module):
                 h = module(h, self.embed(window[:, k:k + T]), cos, sin)
                 out.append(self.head(module.norm(h)).float())
         return out
+
+    def merge_projections(self) -> None:
+        """Fewer, larger matrix products for inference (MLA.merge_input_projections, MLP.merge_gate_up);
+        call once the model is on its device."""
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.merge_input_projections()
+            elif isinstance(m, MLP):
+                m.merge_gate_up()
 
     def moe_layers(self) -> list[MoE]:
         """The MoE feed-forwards of the main layers and the MTP modules, in order."""

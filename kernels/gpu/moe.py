@@ -2,14 +2,14 @@
 
 Letters: T tokens, D hidden, K experts per token, E experts on the GPU, F expert ffn, P = T * K pairs.
 
-Decode (P <= DECODE_PAIRS): two Triton GEMV launches and one torch sum, with no host synchronisation, so
+Decode (P <= DECODE_PAIRS): three Triton launches, with no host synchronisation, so
 a CUDA graph can capture them. One program per (pair, BLOCK_R output rows) loops over the row's blocks,
 unpacking each sub-block with integer ops in registers (kernels/gpu/dequant.py::unpack_part) and dotting
 it with x in float32; the quantized bytes are read once per pair. A pair whose expert id is -1 lives on
 the CPU: its programs read nothing and its down output is zero.
   1. h[p] = silu(gate_e x[t]) * up_e x[t]             (P, F) float32
   2. y[p] = w[p] * down_e h[p]                         (P, D) float32
-  3. out[t] = sum_k y[t, k]                            (T, D) float32
+  3. out[t] = sum_k y[t, k]   (or out[t] += ..., to add the experts to what out holds)   (T, D) float32
 Prefill (more pairs): pairs sorted by expert, each used expert dequantized once to `experts.dtype` and
 multiplied with torch; this path synchronises (it reads the per-expert counts).
 """
@@ -34,6 +34,7 @@ T_ = GGMLType
 KEEP_BLOCKS = frozenset({T_.Q4_K, T_.Q6_K, T_.Q8_0})
 _PLAIN = {T_.F32: torch.float32, T_.F16: torch.float16, T_.BF16: torch.bfloat16}
 DECODE_PAIRS = 64    # at most this many (token, expert) pairs take the graph-capturable GEMV path
+SUM_BLOCK = 512      # output values per program of the decode path's sum over a token's pairs
 BLOCK_R = 16         # output rows per program
 VALUES_PER_STEP = 256   # columns per loop step: one K-quant super-block, 8 Q8_0 blocks, 8 dense chunks
 
@@ -236,23 +237,40 @@ def _check(x, topk_ids, topk_weights, experts: GPUExperts):
         raise ValueError(f"x is on {x.device} but the experts are on {experts.gate.device}")
 
 
-def moe_ffn(x, topk_ids, topk_weights, experts: GPUExperts, out=None):
+@triton.jit
+def _pair_sum_kernel(p_y, p_out, K, D, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (T, cdiv(D, BLOCK)): out[t] (+)= sum_k y[t * K + k], summed in k order."""
+    i_t = tl.program_id(0).to(tl.int64)
+    o_d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m_d = o_d < D
+    b_sum = tl.zeros((BLOCK,), tl.float32)
+    for k in range(K):
+        b_sum += tl.load(p_y + (i_t * K + k) * D + o_d, mask=m_d, other=0.0)
+    if ACCUMULATE:
+        b_sum += tl.load(p_out + i_t * D + o_d, mask=m_d, other=0.0)
+    tl.store(p_out + i_t * D + o_d, b_sum, mask=m_d)
+
+
+def moe_ffn(x, topk_ids, topk_weights, experts: GPUExperts, out=None, accumulate=False):
     """out[t] = sum_k w[t,k] * down_e(silu(gate_e x[t]) * up_e x[t]), e = ids[t,k] local, -1 skipped.
-    x (T, D) f32/bf16, topk_ids (T, K) int64, topk_weights (T, K) f32 -> (T, D) f32 (into `out` if given)."""
+    x (T, D) f32/bf16, topk_ids (T, K) int64, topk_weights (T, K) f32 -> (T, D) f32 (into `out` if given;
+    with accumulate, added to what `out` holds: the layer's other parts, without a kernel for the add)."""
     _check(x, topk_ids, topk_weights, experts)
     T, D = x.shape
     if out is None:
+        if accumulate:
+            raise ValueError("moe_ffn accumulates only into a given out")
         out = torch.empty(T, D, dtype=torch.float32, device=x.device)
-    elif out.shape != (T, D) or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 {(T, D)}, got {out.dtype} {tuple(out.shape)}")
+    elif out.shape != (T, D) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 {(T, D)}, got {out.dtype} {tuple(out.shape)}")
     if experts.n_expert == 0 or topk_ids.numel() == 0:
-        return out.zero_()
+        return out if accumulate else out.zero_()
     if topk_ids.numel() <= DECODE_PAIRS:
-        return _decode(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), experts, out)
-    return _prefill(x, topk_ids, topk_weights, experts, out)
+        return _decode(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), experts, out, accumulate)
+    return _prefill(x, topk_ids, topk_weights, experts, out, accumulate)
 
 
-def _decode(x, ids, wts, ex: GPUExperts, out):
+def _decode(x, ids, wts, ex: GPUExperts, out, accumulate):
     """The GEMV path: fixed grids from shapes only, ids read on the device."""
     (T, K), D, F = ids.shape, ex.hidden, ex.ffn
     P = T * K
@@ -266,10 +284,11 @@ def _decode(x, ids, wts, ex: GPUExperts, out):
     _down_kernel[(P, triton.cdiv(D, BLOCK_R))](
         h, ids, wts, d, y, D, F, d.stride(0), d.stride(1), **_gemv_meta(ex.down_type, F, "W", ex.kept),
         BLOCK_R=BLOCK_R)
-    return torch.sum(y.view(T, K, D), dim=1, out=out)
+    _pair_sum_kernel[(T, triton.cdiv(D, SUM_BLOCK))](y, out, K, D, ACCUMULATE=accumulate, BLOCK=SUM_BLOCK)
+    return out
 
 
-def _prefill(x, ids, wts, ex: GPUExperts, out):
+def _prefill(x, ids, wts, ex: GPUExperts, out, accumulate):
     """The batched path: pairs grouped by expert, one dequantization and three matmuls per used expert."""
     T, K = ids.shape
     cdt = ex.dtype
@@ -277,7 +296,8 @@ def _prefill(x, ids, wts, ex: GPUExperts, out):
     order = torch.argsort(flat, stable=True)                 # pairs grouped by expert, the -1s first
     counts = torch.bincount(flat + 1, minlength=ex.n_expert + 1).tolist()   # the one sync
     w_flat = wts.reshape(-1)
-    out.zero_()
+    if not accumulate:
+        out.zero_()
     start = counts[0]
     for e, n in enumerate(counts[1:]):
         if n == 0:

@@ -197,9 +197,11 @@ class PulledExperts:
     def staging_bytes(experts: ExpertTensors, n_pull: int) -> int:
         return n_pull * experts.expert_bytes()
 
-    def __call__(self, x: torch.Tensor, cpu_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cpu_ids: torch.Tensor, w: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """x (1, D) f32 or bf16, cpu_ids (1, K) int64 (-1: not the CPU's), w (1, K) f32 -> (1, D) f32: the
-        pulled experts' weighted sum (a buffer reused by the next call). No host synchronisation."""
+        pulled experts' weighted sum, added to `out` if given, else in a buffer reused by the next call.
+        No host synchronisation."""
         K = cpu_ids.shape[-1]
         if cpu_ids.shape[0] != 1 or not cpu_ids.is_contiguous() or not w.is_contiguous():
             raise ValueError("pulled experts serve one token's contiguous (1, K) ids and weights")
@@ -208,4 +210,6 @@ class PulledExperts:
         _gather_kernel[self._grid](
             cpu_ids, w, K, self.n, self.slot_id, self.slot_w, g, u, d, sg, su, sd, g.shape[1], u.shape[1], d.shape[1],
             BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK=self._block, ITER=self._iters, num_warps=4)
+        if out is not None:
+            return moe_ffn(x, self.slot_id, self.slot_w, self.staged, out=out, accumulate=True)
         return moe_ffn(x, self.slot_id, self.slot_w, self.staged, out=self.out)

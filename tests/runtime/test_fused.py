@@ -1,6 +1,6 @@
 """On CUDA, inference runs the model through kernels/gpu (fused norms with the residual add, rope and the
 latent cache write, MLA decode): the same logits as the torch code that training uses, with and without a cache,
-also with MLA's two input projections merged into one product, and autocast evaluation (mixed dtypes) keeps
+also with MLA's two input projections and each MLP's gate and up merged into one product, and autocast evaluation (mixed dtypes) keeps
 the torch code. Needs a GPU, but for the merged projections on the CPU; the kernels themselves are tested
 against their references in tests/kernels/gpu, in CI through the Triton interpreter."""
 import dataclasses
@@ -23,8 +23,7 @@ def model_of(preset: str, device: str = "cuda") -> DeepSeek:
 
 
 def merge(m: DeepSeek) -> DeepSeek:
-    for block in m.layers:
-        block.attn.merge_input_projections()
+    m.merge_projections()
     return m
 
 
@@ -64,6 +63,8 @@ def test_merged_input_projections_change_no_output(preset):
         first = attn.wq if hasattr(attn, "wq") else attn.wq_a
         assert attn.w_in is not None and first.weight.data_ptr() == attn.w_in.data_ptr()
         assert attn.wkv_a.weight.data_ptr() == attn.w_in[first.out_features:].data_ptr()
+        mlps = [mod for mod in m.modules() if type(mod).__name__ == "MLP"]
+        assert mlps and all(mlp.w_gate_up is not None for mlp in mlps)
         assert {n: p.shape for n, p in m.named_parameters()} == shapes
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert err < 1e-5

@@ -92,6 +92,11 @@ def test_matches_reference_f32(name, device):
         print(f"{name} T={T} K={K} ({path}, {(local >= 0).sum()} pairs here): NSE {err:.2e} (bound {NSE_F32:.0e})")
         assert y is out and y.shape == (T, D) and y.dtype == torch.float32
         assert err < NSE_F32, f"{name} T={T} K={K}: NSE {err:.2e}"
+        base = torch.from_numpy(rng.standard_normal((T, D), dtype=np.float32)).to(device)
+        into = base.clone()        # accumulate: the experts' sum added to what out holds
+        moe_ffn(torch.from_numpy(x).to(device), torch.from_numpy(local).to(device), torch.from_numpy(w).to(device),
+                gx, out=into, accumulate=True)
+        assert torch.allclose(into, y + base, rtol=0, atol=1e-6 * float(y.abs().max() + base.abs().max()))
 
 
 def test_all_pairs_elsewhere_gives_zeros(device):

@@ -98,6 +98,11 @@ def test_pulled_sum_matches_reference(types, device, tmp_path):
         err = nse(y.cpu(), want)
         print(f"{[t.name for t in types]} ids {ids}: NSE {err:.2e}")
         assert err < NSE_F32, f"ids {ids}: NSE {err:.2e}"
+        base = torch.from_numpy(rng.standard_normal((1, D), dtype=np.float32)).to(device)
+        into = base.clone()       # the layer's sum so far: the pulled share is added to it
+        assert pulled(torch.from_numpy(x).to(device), torch.from_numpy(cpu_ids).to(device),
+                      torch.from_numpy(w).to(device), out=into) is into
+        assert torch.equal(into, y + base)
 
 
 def test_registration_refuses_to_pin_most_of_the_ram(monkeypatch, tmp_path):
