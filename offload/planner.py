@@ -18,9 +18,9 @@ Items 2-4 form one ranked list and the GPU takes its longest prefix that fits. S
 not fit to take a smaller later one would use a few more bytes, but then a larger budget could push an
 earlier item out again; a prefix guarantees that more budget never moves anything to the CPU.
 
-GPU bytes: routed experts in Q4_K, Q6_K and Q8_0 have GPU kernels (kernels/gpu/moe.py) and keep their GGUF
-size there, as do F16 and BF16; routed experts of every other type (Q5_0, Q2_K, IQ..) are dequantized to
-bf16 at load and cost 2 bytes per value. Everything else (attention, shared experts, dense layers, head,
+GPU bytes: routed experts in Q4_K, Q6_K, Q8_0 and Q5_0 have GPU kernels (kernels/gpu/moe.py) and keep their
+GGUF size there, as do F16 and BF16; routed experts of every other type (Q2_K, Q4_0, IQ..) are dequantized
+to bf16 at load and cost 2 bytes per value. Everything else (attention, shared experts, dense layers, head,
 embedding) is dequantized at load: 2 bytes per value, 4 for the vectors and routers kept in fp32
 (offload/hybrid.py). The CPU always holds the GGUF bytes.
 """
@@ -38,7 +38,7 @@ from dslocal.quant.gguf_file import GGUFFile, TensorInfo
 from dslocal.runtime.config import ModelConfig, tensor_specs
 
 T = GGMLType
-KEEP_ON_GPU = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_K, T.Q6_K})
+KEEP_ON_GPU = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_0})
 KV_BYTES_PER_VALUE = 2   # the latent cache is f16 / bf16
 
 

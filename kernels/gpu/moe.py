@@ -31,7 +31,7 @@ from dslocal.quant.ggml import TYPE_INFO, GGMLType
 T_ = GGMLType
 # Types kept as GGUF blocks on the GPU; must match offload/planner.py KEEP_ON_GPU, which counts them (and
 # F32 / F16 / BF16, kept in their own dtype) at file size. Every other type is dequantized at load.
-KEEP_BLOCKS = frozenset({T_.Q4_K, T_.Q6_K, T_.Q8_0})
+KEEP_BLOCKS = frozenset({T_.Q4_K, T_.Q6_K, T_.Q8_0, T_.Q5_0})   # Q5_0: V2-Lite's down projections (rows of 1408)
 _PLAIN = {T_.F32: torch.float32, T_.F16: torch.float16, T_.BF16: torch.bfloat16}
 DECODE_PAIRS = 64    # at most this many (token, expert) pairs take the graph-capturable GEMV path
 SUM_BLOCK = 512      # output values per program of the decode path's sum over a token's pairs

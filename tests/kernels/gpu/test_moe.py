@@ -32,7 +32,8 @@ NSE_F32, RMS_BF16_DECODE, RMS_BF16_PREFILL = 1e-10, 5e-3, 1e-2
 SETS = {
     "Q4_K-Q6_K-Q8_0": (T_.Q4_K, T_.Q6_K, T_.Q8_0, 256, 96),
     "Q8_0-Q8_0-Q6_K": (T_.Q8_0, T_.Q8_0, T_.Q6_K, 96, 256),
-    "F16-F32-Q5_0": (T_.F16, T_.F32, T_.Q5_0, 80, 96),     # all dense on the GPU
+    "F16-F32-Q4_0": (T_.F16, T_.F32, T_.Q4_0, 80, 96),     # all dense on the GPU
+    "Q4_K-Q4_K-Q5_0": (T_.Q4_K, T_.Q4_K, T_.Q5_0, 256, 64),  # V2-Lite's Q4_K_M mix, all blocks
 }
 # (T, K): one token, odd counts, K from 1 to 6, and a prefill batch (more than DECODE_PAIRS pairs)
 CASES = [(1, 1), (1, 6), (3, 5), (7, 3), (17, 2), (500, 6)]
@@ -108,11 +109,12 @@ def test_all_pairs_elsewhere_gives_zeros(device):
 
 
 def test_storage_and_nbytes(device):
-    """Q4_K / Q6_K / Q8_0 stay GGUF blocks (the planner counts them at file size); other types go dense."""
+    """Q4_K / Q6_K / Q8_0 / Q5_0 stay GGUF blocks (the planner counts them at file size); other types go dense."""
     rng = np.random.default_rng(4)
-    ex = experts_of(T_.Q4_K, T_.Q4_K, T_.Q5_0, 256, 96, rng)
+    ex = experts_of(T_.Q4_K, T_.Q5_0, T_.Q4_0, 256, 96, rng)
     gx = GPUExperts.from_experts(ex, [2, 5], device, dtype=torch.float16)
     assert gx.gate.dtype == torch.uint8 and torch.equal(gx.gate.cpu(), torch.from_numpy(ex.gate[[2, 5]]))
+    assert gx.up.dtype == torch.uint8 and torch.equal(gx.up.cpu(), torch.from_numpy(ex.up[[2, 5]]))
     assert gx.down.dtype == torch.float16 and gx.down.shape == (2, 256, 96)
     assert gx.nbytes() == 2 * (ex.gate[0].nbytes + ex.up[0].nbytes) + 2 * 256 * 96 * 2
     with pytest.raises(ValueError, match="expert ids must be in"):
@@ -121,7 +123,7 @@ def test_storage_and_nbytes(device):
 
 def test_rejects_bad_inputs(device):
     rng = np.random.default_rng(5)
-    gx = GPUExperts.from_experts(experts_of(*SETS["F16-F32-Q5_0"], rng), ON_GPU, device, torch.float32)
+    gx = GPUExperts.from_experts(experts_of(*SETS["F16-F32-Q4_0"], rng), ON_GPU, device, torch.float32)
     x, w = torch.zeros(1, 80, device=device), torch.zeros(1, 2, device=device)
     with pytest.raises(ValueError, match="topk_ids must be int64"):
         moe_ffn(x, torch.zeros(1, 2, dtype=torch.int32, device=device), w, gx)
@@ -132,7 +134,7 @@ def test_rejects_bad_inputs(device):
 @needs_cuda
 @pytest.mark.parametrize("T,K", [(1, 6), (3, 5), (500, 6)])
 def test_bf16_on_gpu(T, K):
-    """V2-Lite's Q4_K_M mix: gate / up Q4_K blocks, down Q5_0 dequantized to bf16; x in bf16."""
+    """V2-Lite's Q4_K_M mix: gate / up Q4_K blocks, down Q5_0 blocks; x in bf16."""
     rng = np.random.default_rng(T)
     ex = experts_of(T_.Q4_K, T_.Q4_K, T_.Q5_0, 512, 352, rng)
     gx = GPUExperts.from_experts(ex, ON_GPU, "cuda", dtype=torch.bfloat16)
