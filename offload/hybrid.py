@@ -139,9 +139,8 @@ class OffloadedMoE(nn.Module):
         overlap = self.n_cpu and self.worker is not None and not stream
         if overlap and self.graph_step is not None:
             return self._forward_in_graph_step(x, ids, w, cpu_ids).view(shape)
-        xf = x.float()                     # the CPU experts' input
         if overlap:
-            self.worker.submit(xf, cpu_ids, w, self.experts)                   # returns at once
+            self.worker.submit(x.float(), cpu_ids, w, self.experts)            # returns at once
         try:
             y = self._gpu_part(x, ids, w)
         except BaseException:           # Ctrl-C or an error: collect the CPU job so the next step can start
@@ -152,7 +151,7 @@ class OffloadedMoE(nn.Module):
             y += self.streamer.layer_experts(self.stream_index, x, cpu_ids, w)
         elif self.n_cpu:
             if self.worker is None:
-                y_cpu = cpu_moe.moe_ffn(xf.cpu(), cpu_ids.cpu(), w.cpu(), self.experts)
+                y_cpu = cpu_moe.moe_ffn(x.float().cpu(), cpu_ids.cpu(), w.cpu(), self.experts)
             else:
                 y_cpu = self.worker.wait()      # a reused pinned buffer: copied before the next submit
             y += y_cpu.to(y.device, non_blocking=True)
@@ -168,7 +167,7 @@ class OffloadedMoE(nn.Module):
             return route(router_logits(x, r.weight), r.bias, cfg.n_expert_used, cfg.gating, cfg.n_group,
                          cfg.n_group_used, cfg.expert_weights_norm, cfg.expert_weights_scale, self.cpu_id,
                          self.counts)
-        ids, w = r(x.float())
+        ids, w = r(x)                       # Router.logits multiplies in float32
         self.counts.scatter_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))
         return ids, w, self.cpu_id[ids]
 
