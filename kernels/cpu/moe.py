@@ -3,9 +3,10 @@
 Letters: T tokens, D hidden, K experts per token, E experts, F expert ffn, P = T * K (token, expert) pairs.
 
 One call does, with the pairs grouped by expert and experts without tokens skipped:
-  1. quantize x to 11-bit integers, blocks of 256 (cpu/rows.py)    parallel over tokens (a few: serial)
+  1. quantize x to integers, blocks of 256 (cpu/rows.py: 8 bits     parallel over tokens (a few: serial)
+     for K-quant weights, 11 for the others)
   2. h = silu(gate x) * up x for every pair                         parallel over row ranges of F
-  3. quantize h                                                     parallel over pairs
+  3. quantize h (as x, for the down projection's type)              parallel over pairs
   4. out[t] = sum_k w * down h                                      parallel over row ranges of D
 Experts with gemm.GEMM_MIN_TOKENS tokens or more (a prompt's) can instead be dequantized to bf16 and
 multiplied by torch (kernels/cpu/gemm.py, where the CPU has AMX); LayerCall splits the pairs between the two.
@@ -44,6 +45,7 @@ from dslocal.kernels.experts import ExpertTensors
 f32 = np.float32
 TOKEN_BLOCK = 64     # pairs per pass over a weight tile: their int16 activations stay in L2 while it is read
 GATE_UP_8BIT = True  # K-quant gate / up projections on 8-bit activations (rows.py, XMAX8)
+DOWN_8BIT = True     # K-quant down projections too (their input, silu(g) * u, is heavy-tailed: see LayerCall)
 # Steps 2 and 4 hand out FIRST_SHARE % of the weight rows as one chunk per thread, then the rest as
 # SMALL_CHUNKS chunks per thread (see the module's docstring); read at each call
 FIRST_SHARE = 75
@@ -196,17 +198,16 @@ def _quantize_x(x, t, x16, xd, xs, x8q):
 
 @njit(cache=True, nogil=True, parallel=True)
 def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
-               h, h16, hd, hs, out):
+               h, h8q, h16, hd, hs, out):
     """x (T, D) f32, ids (T, K) int64, wts (T, K) f32 -> out (T, D) f32; the rest is scratch (see LayerCall).
     Steps 2 and 4 run on n_threads threads: first_share % of the rows in one chunk each, the rest in
     small_per_thread chunks each.
     x8q: x in 8 bits for the gate / up projections (rows.py rows_dot), and x16 / xd / xs x in 11 bits; either
-    may have no rows when no projection reads it."""
+    may have no rows when no projection reads it. h8q and h16 / hd / hs: the same for h, the down projection's
+    input."""
     T = x.shape[0]
     E, F, D = gate.shape[0], gate.shape[1], down.shape[1]
     start, pair_tok, pair_w, active = _route(ids, wts, E)
-    x8, xd8, xs8 = x8q
-    h8q = (x8[:0], xd8[:0], xs8[:0])        # no rows: the down projection's input keeps 11 bits
     claimed = np.zeros(16, np.int64)        # chunks handed out in step 2 (at 0) and step 4 (at 8: own cache line)
     if T > SERIAL_QUANTIZE:
         for t in prange(T):
@@ -231,12 +232,12 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
                 c = _claim(claimed, 8 * step)
         if step == 0:
             for p in prange(pair_tok.shape[0]):
-                quantize_row(h, p, h16, hd, hs)
+                _quantize_x(h, p, h16, hd, hs, h8q)
 
 
 @njit(cache=True, nogil=True)
 def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu, td, n_threads,
-                  first_share, small_per_thread, x8q, x16, xd, xs, h, h16, hd, hs, out):
+                  first_share, small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out):
     """_moe_layer once sync[i_ready] >= step (the inputs' writer sets it after the inputs), then
     sync[i_done] = step. Returns 1 when the layer ran, 0 when `spins` polls went by without the flag, -1 when
     sync[i_abort] >= step (the other side gave the step up). All three flags are int64 in one array."""
@@ -248,7 +249,7 @@ def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate
             return 0
         _pause()
     _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
-               h, h16, hd, hs, out)
+               h, h8q, h16, hd, hs, out)
     _store_release(sync, i_done, step)
     return 1
 
@@ -295,8 +296,6 @@ class LayerCall:
         if out_n.shape != (T, D) or out_n.dtype != np.float32 or not out_n.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float32 ({T}, {D}), got {out_n.dtype} {tuple(out_n.shape)}")
         P, F = ids.size, experts.ffn
-        _, sd, ss = activation_shapes(T, D)
-        h16, hd, hs = activation_shapes(P, F)
         self.ids, self.out, self.experts = ids, out_n, experts
         self._inputs = (xn, ids, wts, experts.gate, experts.up, experts.down,
                          int(experts.gate_type), int(experts.up_type), int(experts.down_type))
@@ -304,11 +303,13 @@ class LayerCall:
         # one is not: a buffer of no rows is not filled
         on_bytes = [GATE_UP_8BIT and t in BYTE_DOT for t in (experts.gate_type, experts.up_type)]
         n8, n16 = T if any(on_bytes) else 0, 0 if all(on_bytes) else T
-        x8q = (np.empty((n8, D), np.int8), np.empty((n8, sd[1]), np.float32), np.empty((n8, ss[1]), np.int32))
-        self._scratch = (x8q, np.empty((n16, D), np.int16), np.empty((n16, sd[1]), np.float32),
-                         np.empty((n16, ss[1]), np.int32),
-                         np.empty((P, F), np.float32), np.empty(h16, np.int16), np.empty(hd, np.float32),
-                         np.empty(hs, np.int32), out_n)
+        # h, the down projection's input, likewise: silu(g) * u is heavy-tailed, and 11 bits cut its
+        # rounding error ~65-fold against 8 (rows.py), but the K-quants' own rounding of the weights is
+        # ~100-1000x larger still (NSE 0.02-0.3), and bytes take fewer instructions per weight
+        h_bytes = DOWN_8BIT and experts.down_type in BYTE_DOT
+        p8, p16 = (P, 0) if h_bytes else (0, P)
+        self._scratch = (_activations(n8, D, np.int8), *_activations(n16, D, np.int16), np.empty((P, F), np.float32),
+                         _activations(p8, F, np.int8), *_activations(p16, F, np.int16), out_n)
 
     def __call__(self) -> np.ndarray:
         """Run the layer on numba.get_num_threads() threads; returns out (numpy, shared with the buffer).
@@ -345,6 +346,13 @@ class LayerCall:
             deadline = deadline or now + timeout
             if now > deadline:
                 raise TimeoutError(f"the inputs of a CPU expert layer did not arrive within {timeout:g} s")
+
+
+def _activations(n: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Buffers for n activation rows of d values quantized in dtype (int8: 8 bits, int16: 11): the values,
+    their block scales, their group sums (rows.py quantize_row). n = 0: not used by the call."""
+    shapes = activation_shapes(n, d)
+    return np.empty(shapes[0], dtype), np.empty(shapes[1], np.float32), np.empty(shapes[2], np.int32)
 
 
 def _numpy(a, dtype, name: str) -> np.ndarray:

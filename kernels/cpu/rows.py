@@ -31,8 +31,9 @@ GROUP = 16        # activation values per int32 sum
 # int16 (Q6_K: 63 * 128), a pmaddwd pair of those times 1023 and 16 of them per int32 lane fit int32, and a
 # group sum (16 * 1023) fits int16 (blocks.py loads xs as int16 lanes).
 XMAX = 1023
-# The input of the gate and up projections may also go in 8 bits (|q| <= 127, llama.cpp's Q8_K): the
-# K-quants then multiply bytes (pmaddubsw), single tokens and tiles of four alike: fewer instructions per weight.
+# A K-quant's input may also go in 8 bits (|q| <= 127, llama.cpp's Q8_K): the K-quants then multiply bytes
+# (pmaddubsw), single tokens and tiles of four alike: fewer instructions per weight. moe.py does this for
+# every K-quant projection (GATE_UP_8BIT, DOWN_8BIT): the 8-bit rounding of h is ~100x below the weights' own.
 XMAX8 = 127
 BYTE_DOT = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)   # the types that can take x in 8 bits
 ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows stay in L2, the tile's activations
