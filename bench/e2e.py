@@ -8,7 +8,8 @@ the same run.
 
 Every run of a prompt length starts from an empty cache (Engine.reset), so no prompt token is served from
 the prefix cache; the table gives the median of --repeat runs. One short generation before the first run
-pays for compilation and warm-up and is not counted. Decode tokens/s is tokens over seconds where every
+pays for compilation and warm-up and is not counted, nor are the generations after it while the pull count
+is being tuned (offload/pulltune.py; not with --pull-experts given). Decode tokens/s is tokens over seconds where every
 token costs one single-token forward (one_run). Decode GB/s counts the routed-expert bytes the placement
 leaves in host memory for each token (Placement.cpu_expert_bytes_per_token, DESIGN.md "The performance
 model"), read by the CPU threads and, with --pull-experts, partly by the GPU over PCIe ("pulled": experts
@@ -41,6 +42,7 @@ from dslocal.runtime.load import RunConfig, default_model, load
 from dslocal.runtime.sampling import Sampling
 
 DEFAULT_LENGTHS = (128, 2048)
+TUNE_GEN, TUNE_RUNS = 64, 8     # warm-up decode runs while the pull count is tuned (offload/pulltune.py)
 # Plain prose repeated to any length: greedy decoding of a natural-looking prompt rarely stops at once.
 PROMPT_TEXT = ("The river ran past the old mill and under the stone bridge, where the children of the "
                "village came every summer evening to watch the boats go by and to count the lights that "
@@ -56,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-only", action="store_true", help="everything on the CPU")
     p.add_argument("--gpu-experts", type=int, metavar="N", help="exactly N routed experts per MoE layer on the GPU")
     p.add_argument("--pull-experts", type=int, metavar="N",
-                   help="of each token's CPU experts, N read by the GPU from host memory (default: a third)")
+                   help="of each token's CPU experts, N read by the GPU from host memory (default: tuned "
+                        "while decoding)")
     p.add_argument("--prompt-lengths", metavar="N,N",
                    help="prompt lengths in tokens (default 128,2048, those that fit the model's context)")
     p.add_argument("--gen", type=int, default=128, help="greedy tokens to decode per run (default 128)")
@@ -193,6 +196,11 @@ def measure(path: str, run: RunConfig, lengths: list[int], gen: int, repeat: int
     engine = loaded.engine
     warm_t0 = time.perf_counter()
     one_run(engine, prompt_ids(engine.tokenizer, min(lengths)), min(2, gen))
+    tuner = getattr(getattr(engine.decode_step, "graphs", None), "tuner", None)
+    for _ in range(TUNE_RUNS):     # the pull count is tuned while decoding: settled before the timed runs
+        if tuner is None or tuner.done:
+            break
+        one_run(engine, prompt_ids(engine.tokenizer, min(lengths)), TUNE_GEN)
     warmup_s = time.perf_counter() - warm_t0
     rows = []
     for n in lengths:
@@ -205,7 +213,8 @@ def measure(path: str, run: RunConfig, lengths: list[int], gen: int, repeat: int
         rows.append(summarize(n, runs))
     p = loaded.placement
     cuda = run.torch_device().startswith("cuda")
-    pulled = max((getattr(b.ffn, "n_pull", 0) for b in engine.model.layers), default=0)
+    pull = next((b.ffn.pull for b in engine.model.layers if getattr(b.ffn, "pull", None) is not None), None)
+    pulled = 0 if pull is None else pull.n
     return {
         "model": {"file": os.path.abspath(path), "name": loaded.name, "layers": loaded.cfg.n_layer,
                   "experts": loaded.cfg.n_expert, "experts_used": loaded.cfg.n_expert_used,
@@ -214,7 +223,7 @@ def measure(path: str, run: RunConfig, lengths: list[int], gen: int, repeat: int
         "placement": None if p is None else {
             "gpu_bytes": p.gpu_bytes, "cpu_bytes": p.cpu_bytes, "budget_bytes": p.budget_bytes,
             "cpu_expert_bytes_per_token": p.cpu_expert_bytes_per_token, "note": p.note,
-            "pulled_experts_per_token": pulled},
+            "pulled_experts_per_token": pulled, "pull_tuning": None if tuner is None else tuner.summary()},
         "peak_rss_GiB": peak_rss_bytes() / 2**30,
         "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "gpu": torch.cuda.get_device_name() if cuda else None,
@@ -249,7 +258,8 @@ def format_table(results: dict) -> str:
     p = results["placement"]
     cpu_mb = "-" if p is None else f"{p['cpu_expert_bytes_per_token'] / 1e6:.1f} MB"
     if p is not None and p.get("pulled_experts_per_token"):
-        cpu_mb += f" (the GPU reads {p['pulled_experts_per_token']} of each token's CPU experts)"
+        tuned = ", the count that decoded fastest" if (p.get("pull_tuning") or {}).get("done") else ""
+        cpu_mb += f" (the GPU reads {p['pulled_experts_per_token']} of each token's CPU experts{tuned})"
     lines = [
         f"model  {m['name']} ({m['file']})",
         f"run    {s['device']} {s['dtype']}, {s['where']}, {s['threads']} threads, --gen {s['gen']}, "

@@ -20,7 +20,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-experts", type=int, metavar="N", help="exactly N routed experts per MoE layer on the GPU")
     p.add_argument("--pull-experts", type=int, metavar="N",
                    help="of each token's CPU experts, N are read by the GPU from host memory during decode steps "
-                        "(default: a third of the experts a token uses with a GPU, 0 without)")
+                        "(default with a GPU: the count that decodes fastest, measured in the first decode steps; "
+                        "0 without)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--expert-threads", type=int, metavar="N",
                    help="CPU threads for the routed experts (default: the physical cores)")

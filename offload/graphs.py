@@ -28,6 +28,7 @@ capture follows.
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ import torch
 from dslocal.kernels.cpu.moe import LayerCall
 from dslocal.offload.cpu_worker import ExpertWorker
 from dslocal.offload.hybrid import OffloadedMoE
+from dslocal.offload.pulltune import PullTuner
 from dslocal.runtime.model import DeepSeek, LatentCache
 
 FLAG_STRIDE = 8      # int64s between flags: each in a 64-byte cache line of its own
@@ -43,7 +45,7 @@ FLAG_STRIDE = 8      # int64s between flags: each in a 64-byte cache line of its
 class DecodeGraphs:
     """One token's forward pass over the latent cache, captured as a CUDA graph and replayed per step."""
 
-    def __init__(self, model: DeepSeek, cache: LatentCache, worker: ExpertWorker | None, device):
+    def __init__(self, model: DeepSeek, cache: LatentCache, worker: ExpertWorker | None, device, log=sys.stderr):
         self.model, self.cache, self.worker = model, cache, worker
         self.device = torch.device(device)
         self.moes = [b.ffn for b in model.layers if isinstance(b.ffn, OffloadedMoE)]
@@ -60,6 +62,9 @@ class DecodeGraphs:
         self._buffers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._calls: dict[int, LayerCall] = {}      # each layer's CPU experts on its fixed buffers
         self._capturing = False
+        # how many CPU experts per token the GPU pulls (one count shared by the layers), and what tunes it
+        self.pull = next((m.pull for m in self.moes if m.pull is not None), None)
+        self.tuner = PullTuner(self.pull, log) if self.pull is not None and self.pull.tune else None
 
     # -- called by OffloadedMoE while a step runs or is captured ----------------------------------------
     def send(self, moe: OffloadedMoE, x: torch.Tensor, cpu_ids: torch.Tensor, w: torch.Tensor) -> None:
@@ -69,15 +74,15 @@ class DecodeGraphs:
             from dslocal.kernels.gpu import handoff
             j = self.handoffs.index(moe)
             handoff.send(x, cpu_ids, w, x_host, ids_host, w_host, self._sync, self._flag(j, "ready"), self._step,
-                         moe.n_pull)
+                         None if moe.pull is None else moe.pull.device)
             return
         if moe in self.handoffs:
             raise RuntimeError("a decode step handed the same layer to the CPU twice")
         self.handoffs.append(moe)
         x_host.copy_(x, non_blocking=True)
-        if moe.n_pull:
+        if moe.pull is not None:
             from dslocal.kernels.gpu.pull import cpu_share
-            cpu_ids = cpu_share(cpu_ids, moe.n_pull)[0]
+            cpu_ids = cpu_share(cpu_ids, moe.pull.n)[0]
         ids_host.copy_(cpu_ids, non_blocking=True)
         w_host.copy_(w, non_blocking=True)
         ready = torch.cuda.Event()
@@ -156,9 +161,14 @@ class DecodeGraphs:
             return self.logits.clone()
         self.steps += 1
         self._step.fill_(self.steps)
+        if self.tuner is not None:
+            self.tuner.before_step()               # the pull count, written in stream order like the step
         stream = torch.cuda.current_stream(self.device)
+        t0 = time.perf_counter()
         self.worker.submit_call(lambda: self._replay(stream, self.steps))
         self.worker.wait()            # after Ctrl-C it lets the step finish (~15 ms), then raises
+        if self.tuner is not None:
+            self.tuner.after_step(time.perf_counter() - t0)
         if int(self._sync[self._flag(0, "abort")]) >= self.steps:
             torch.cuda.synchronize(self.device)
             raise RuntimeError("a decode step's hand-off between the GPU and the CPU experts timed out")
@@ -209,7 +219,7 @@ class GraphedDecoder:
     """Engine.decode_step: DecodeGraphs when the capture works, else the eager step, said once on stderr."""
 
     def __init__(self, model: DeepSeek, cache: LatentCache, worker: ExpertWorker | None, device, log=sys.stderr):
-        self.graphs: DecodeGraphs | None = DecodeGraphs(model, cache, worker, device)
+        self.graphs: DecodeGraphs | None = DecodeGraphs(model, cache, worker, device, log)
         self.model, self.cache, self.device, self.log = model, cache, torch.device(device), log
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:

@@ -190,9 +190,10 @@ class OffloadedMoE(nn.Module):
         return self.graph_step.receive(self, y, x.dtype)
 
     @property
-    def n_pull(self) -> int:
-        """Experts per token of a decode step that the GPU reads from host memory instead of the CPU."""
-        return 0 if self.pulled is None else self.pulled.n
+    def pull(self):
+        """kernels/gpu/pull.py PullCount: how many experts per token of a decode step the GPU reads from host
+        memory instead of the CPU (shared by the layers), or None."""
+        return None if self.pulled is None else self.pulled.count
 
 
 def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: str | torch.device,

@@ -48,11 +48,18 @@ class Placing:
     expert_threads: int | None = None   # CPU expert threads (default: the physical cores)
     calibrate: bool = True          # measure hotness on a first start when experts can go to the GPU
     pull_experts: int = 0           # --pull-experts N: of each token's CPU experts, N read by the GPU
+    pull_tune: bool = False         # start at pull_experts, then keep the fastest count (offload/graphs.py)
 
 
 def default_pull(n_used: int) -> int:
-    """--pull-experts when not given, for a run on a GPU with CUDA graphs: 2 of 6 experts, 3 of 8."""
+    """Where decode steps start when --pull-experts is not given (a run on a GPU with CUDA graphs, which
+    then tunes the count): 2 of 6 experts, 3 of 8."""
     return max(1, round(n_used * PULL_SHARE)) if n_used > 1 else 0
+
+
+def pull_slots(s: Placing, n_used: int) -> int:
+    """Experts per token the pull's staging buffer holds: every count the tuning may try, or the fixed one."""
+    return (n_used if s.pull_tune else s.pull_experts) if n_used > 1 else 0
 
 
 def budget_for(s: Placing) -> tuple[Hardware, Budget]:
@@ -80,6 +87,9 @@ def load_placed(path: str, f: GGUFFile, cfg: ModelConfig, s: Placing,
     """The model placed by the plan (printed to log); PlanError before anything loads if it cannot fit."""
     hardware, budget = budget_for(s)
     shape = ModelShape.from_gguf(f, cfg)
+    staging = pull_slots(s, cfg.n_expert_used) * max((lp.expert.file for lp in shape.layers if lp.moe), default=0)
+    if staging and budget.gpu_bytes:       # the pull's staging buffer is GPU memory the plan cannot use
+        budget = dataclasses.replace(budget, gpu_bytes=max(budget.gpu_bytes - staging, 0))
     counts = hotness.for_model(path, cfg)
     placement = plan(shape, hardware, dataclasses.replace(budget, hotness=counts))
     worker = None
@@ -96,39 +106,46 @@ def load_placed(path: str, f: GGUFFile, cfg: ModelConfig, s: Placing,
         placement = plan(shape, hardware, dataclasses.replace(budget, hotness=counts))
         in_passing_thread(replace_gpu_experts, model, placement)
     print(format_plan(placement), file=log)
-    if s.pull_experts and worker is not None:
+    if (s.pull_experts or s.pull_tune) and worker is not None:
         try:
-            n = attach_pull(model, s.pull_experts, torch.device(s.device))
+            n = attach_pull(model, s.pull_experts, torch.device(s.device), pull_slots(s, cfg.n_expert_used),
+                            s.pull_tune)
             if n:
                 pulled = min(1.0, s.pull_experts / cfg.n_expert_used) * placement.cpu_expert_bytes_per_token
+                tuned = (f" to start with, then the count of 0 to {cfg.n_expert_used} that decodes fastest"
+                         if s.pull_tune else "")
                 print(f"pull     decode steps: the GPU reads {s.pull_experts} of each token's CPU experts from "
-                      f"host memory (at most {pulled / 1e6:.0f} of the "
-                      f"{placement.cpu_expert_bytes_per_token / 1e6:.0f} MB a token reads there); long prompts "
-                      f"copy them from there directly ({n / 2**30:.1f} GiB of expert pages registered with CUDA)",
-                      file=log)
+                      f"host memory{tuned} ({pulled / 1e6:.0f} of the "
+                      f"{placement.cpu_expert_bytes_per_token / 1e6:.0f} MB a token reads there at most); long "
+                      f"prompts copy them from there directly ({n / 2**30:.1f} GiB of expert pages registered "
+                      f"with CUDA)", file=log)
         except RuntimeError as e:
             print(f"pull     off: {e}", file=log)
     return model, placement
 
 
-def attach_pull(model: DeepSeek, n_pull: int, device: torch.device) -> int:
+def attach_pull(model: DeepSeek, n_pull: int, device: torch.device, slots: int | None = None,
+                tune: bool = False) -> int:
     """Register the pages of every CPU expert with CUDA (read-only): decode steps then read n_pull of each
-    token's CPU experts on the GPU, from host memory (kernels/gpu/pull.py, one staging buffer on the
-    device), and long prompts copy their streamed experts by DMA straight from the file's map
+    token's CPU experts on the GPU, from host memory (kernels/gpu/pull.py, one staging buffer of `slots`
+    experts, default n_pull, on the device; with tune, offload/graphs.py may change the count up to
+    slots), and long prompts copy their streamed experts by DMA straight from the file's map
     (offload/prefill.py). Returns the bytes registered; raises RuntimeError where CUDA refuses the
     registration (nothing is then attached)."""
-    from dslocal.kernels.gpu.pull import PULL_TYPES, HostRegistration, PulledExperts
+    from dslocal.kernels.gpu.pull import PULL_TYPES, HostRegistration, PullCount, PulledExperts
     moes = [b.ffn for b in model.layers if isinstance(b.ffn, OffloadedMoE) and b.ffn.n_cpu and b.ffn.worker]
     if not moes:
         return 0
     registration = HostRegistration([a for m in moes for a in (m.experts.gate, m.experts.up, m.experts.down)])
     pulling = [m for m in moes if {m.experts.gate_type, m.experts.up_type, m.experts.down_type} <= PULL_TYPES]
-    staging = torch.empty(max((PulledExperts.staging_bytes(m.experts, n_pull) for m in pulling), default=0),
+    slots = slots or n_pull
+    count = PullCount(n_pull, slots, device, tune) if slots else None
+    staging = torch.empty(max((PulledExperts.staging_bytes(m.experts, slots) for m in pulling), default=0),
                           dtype=torch.uint8, device=device)
     for m in moes:
         m.registration = registration
-        if m in pulling:
-            m.pulled = PulledExperts(m.experts, n_pull, staging, registration)
+        if m in pulling and count is not None:
+            m.pulled = PulledExperts(m.experts, count, staging, registration)
     return registration.nbytes
 
 

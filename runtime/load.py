@@ -89,8 +89,9 @@ def load(path: str, run: RunConfig, log=sys.stderr) -> Loaded:
                 model = load_model(f, cfg, run.torch_dtype(), device, run.like_llama_cpp)
             else:
                 from dslocal.offload.place import Placing, load_placed
+                n_pull, tune = pull_experts(run, cfg, device)
                 placing = Placing(device, run.torch_dtype(), context, run.gpu_memory, run.cpu_only,
-                                  run.gpu_experts, run.expert_threads, pull_experts=pull_experts(run, cfg, device))
+                                  run.gpu_experts, run.expert_threads, pull_experts=n_pull, pull_tune=tune)
                 model, placement = load_placed(path, f, cfg, placing, log)
         except GGUFError as e:
             raise GGUFError(f"{path}: {e}") from None
@@ -105,19 +106,20 @@ def load(path: str, run: RunConfig, log=sys.stderr) -> Loaded:
     return loaded
 
 
-def pull_experts(run: RunConfig, cfg, device: str) -> int:
-    """--pull-experts resolved: by default a third of a token's experts where decode steps run as CUDA
-    graphs on a GPU (the only steps that pull), else none; a number the run cannot use raises ValueError."""
+def pull_experts(run: RunConfig, cfg, device: str) -> tuple[int, bool]:
+    """--pull-experts resolved to (count, tuned): by default, where decode steps run as CUDA graphs on a GPU
+    (the only steps that pull), a third of a token's experts to start with and then the count that decodes
+    fastest; else none. A number the run cannot use raises ValueError; a given one is kept."""
     from dslocal.offload.place import default_pull
     n = run.pull_experts
     graphs = device.startswith("cuda") and run.cuda_graphs and not run.cpu_only
     if n is None:
-        return default_pull(cfg.n_expert_used) if graphs else 0
+        return (default_pull(cfg.n_expert_used), cfg.n_expert_used > 1) if graphs else (0, False)
     if not 0 <= n <= cfg.n_expert_used:
         raise ValueError(f"--pull-experts must be 0 to {cfg.n_expert_used} (the experts a token uses)")
     if n and not graphs:
         raise ValueError("--pull-experts needs a GPU and CUDA graphs (decode steps replayed on the GPU)")
-    return n
+    return n, False
 
 
 def describe(loaded: Loaded, run: RunConfig) -> str:

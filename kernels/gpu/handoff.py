@@ -46,10 +46,10 @@ def _now_ns():
 
 
 @triton.jit
-def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N, NK, n_pull,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N, NK, p_n,
+                 PULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x (N,) as f32, ids (NK,) int64, w (NK,) f32 copied to their host buffers, then sync[i_ready] = step.
-    With n_pull > 0 (one token: NK = K) the ids the GPU pulls (kernels/gpu/pull.py) arrive as -1."""
+    With PULL (one token: NK = K) the p_n[0] ids the GPU pulls (kernels/gpu/pull.py) arrive as -1."""
     o = tl.arange(0, BLOCK_N)
     for start in range(0, N, BLOCK_N):
         m = start + o < N
@@ -57,8 +57,8 @@ def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N
     o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < NK
     ids = tl.load(p_ids + o_k, mask=m_k, other=-1)
-    if n_pull > 0:
-        ids = tl.where(pulled_slot(ids, n_pull) >= 0, -1, ids)
+    if PULL:
+        ids = tl.where(pulled_slot(ids, tl.load(p_n)) >= 0, -1, ids)
     tl.store(p_idsh + o_k, ids, mask=m_k)
     tl.store(p_wh + o_k, tl.load(p_w + o_k, mask=m_k), mask=m_k)
     tl.store(p_sync + i_ready + 1, _now_ns())     # when, for profiles (the flag's cache line has room)
@@ -98,12 +98,13 @@ def _check_host(t: torch.Tensor, name: str) -> None:
 
 
 def send(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_host: torch.Tensor, ids_host: torch.Tensor,
-         w_host: torch.Tensor, sync: torch.Tensor, i_ready: int, step: torch.Tensor, n_pull: int = 0) -> None:
+         w_host: torch.Tensor, sync: torch.Tensor, i_ready: int, step: torch.Tensor,
+         n_pull: torch.Tensor | None = None) -> None:
     """Copy x (M, D), ids (M, K) int64 and w (M, K) f32 from the GPU into their pinned host buffers (same
     shapes; x_host f32, x f32 or half precision, converted on the way), then set sync[i_ready] = step[0]
     (sync: pinned int64, step: int64 on x's device).
-    n_pull > 0 (M = 1 only): the last n_pull CPU experts are the GPU's (kernels/gpu/pull.py) and reach the
-    host as -1."""
+    n_pull (M = 1 only; int64 (1,) on the device, read when the kernel runs): the last n_pull[0] CPU experts
+    are the GPU's (kernels/gpu/pull.py) and reach the host as -1."""
     for t, host, dtypes, name in ((x, x_host, (torch.float32, torch.bfloat16, torch.float16), "x"),
                                   (ids, ids_host, (torch.int64,), "ids"), (w, w_host, (torch.float32,), "w")):
         if t.dtype not in dtypes or host.dtype != dtypes[0] or t.shape != host.shape or not t.is_contiguous():
@@ -111,11 +112,12 @@ def send(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_host: torch.Tens
                              f"as {dtypes[0]} of the same shape")
         _check_host(host, f"the host buffer of {name}")
     _check_host(sync, "sync")
-    if n_pull and ids.shape[0] != 1:
+    if n_pull is not None and ids.shape[0] != 1:
         raise ValueError("experts are pulled by the GPU for one token at a time")
     K = ids.numel()
-    _send_kernel[(1,)](x, ids, w, x_host, ids_host, w_host, sync, step, i_ready, x.numel(), K, n_pull,
-                       BLOCK_N=BLOCK, BLOCK_K=max(16, triton.next_power_of_2(K)), num_warps=4)
+    _send_kernel[(1,)](x, ids, w, x_host, ids_host, w_host, sync, step, i_ready, x.numel(), K,
+                       step if n_pull is None else n_pull, PULL=n_pull is not None, BLOCK_N=BLOCK,
+                       BLOCK_K=max(16, triton.next_power_of_2(K)), num_warps=4)
 
 
 def receive(y: torch.Tensor, out_host: torch.Tensor, sync: torch.Tensor, i_done: int, i_abort: int,

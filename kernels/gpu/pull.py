@@ -12,10 +12,15 @@ step:
     gather    the GPU copies those n experts' blocks from host memory into a staging buffer (one kernel)
     moe_ffn   kernels/gpu/moe.py's GEMVs on the staged blocks, while the CPU computes its share
 
+How many to pull (n) is a device scalar (PullCount) that the kernels read, so one captured decode step
+serves every n up to the staging buffer's slots: offload/graphs.py measures steps at neighbouring n and
+keeps the fastest (the best n depends on the machine's CPU, DRAM and PCIe, and on the model's shapes).
+
 The split is one rule written twice: `pulled_slot` (Triton), which the hand-off's send kernel
 (kernels/gpu/handoff.py: the CPU's ids with the pulled ones set to -1) and `_gather_kernel` (which experts
 it copies) both call, and `cpu_share` (torch: its reference, and the eager first step's split). Weights
-stay in host memory; the staging buffer (n experts of the largest layer) is the only GPU memory this takes.
+stay in host memory; the staging buffer (a slot per expert that n may reach, sized for the largest layer)
+is the only GPU memory this takes.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from dslocal.kernels.gpu.dequant import LAYOUT
 from dslocal.kernels.gpu.moe import GPUExperts, _host_tensor, moe_ffn
 
 CHUNK_BYTES = 32768    # bytes one program of the gather copies
+MAX_SLOTS = 16         # experts per token the staging buffer may hold
 MAX_RAM_SHARE = 0.8    # registered (pinned) pages may take at most this share of the machine's RAM
 PULL_TYPES = frozenset(t for t, layout in LAYOUT.items() if layout.plain is None)   # block types the GEMV unpacks
 _REGISTER_MAPPED, _REGISTER_READ_ONLY = 2, 8     # cudaHostRegister flags
@@ -59,16 +65,40 @@ def cpu_share(cpu_ids: torch.Tensor, n_pull: int) -> tuple[torch.Tensor, torch.T
     return torch.where(pulled, -1, cpu_ids), torch.where(pulled, after, -1)
 
 
+class PullCount:
+    """How many of each token's CPU experts the GPU pulls in decode steps, shared by the model's layers:
+    `device` (int64 (1,), read by the send and gather kernels, so a captured graph follows changes) and
+    its value on the host, `n`. tune: whether the decode steps may change it (offload/graphs.py)."""
+
+    def __init__(self, n: int, slots: int, device: torch.device, tune: bool = False):
+        if not 0 < slots <= MAX_SLOTS:
+            raise ValueError(f"the GPU pulls 1 to {MAX_SLOTS} experts per token, not {slots}")
+        self.slots, self.tune = slots, tune
+        self.device = torch.zeros(1, dtype=torch.int64, device=device)
+        self.n = -1
+        self.set(n)
+
+    def set(self, n: int) -> None:
+        """Pull n from the next step on: the device value is written in stream order (before a graph replay
+        launched after this call)."""
+        if not 0 <= n <= self.slots:
+            raise ValueError(f"a pull count must be 0 to {self.slots} (the staging slots), not {n}")
+        if n != self.n:
+            self.device.fill_(n)
+            self.n = n
+
+
 @triton.jit
-def _gather_kernel(p_ids, p_w, K, n_pull, p_slot_id, p_slot_w, p_g, p_u, p_d, p_sg, p_su, p_sd, n_g, n_u, n_d,
+def _gather_kernel(p_ids, p_w, K, p_n, p_slot_id, p_slot_w, p_g, p_u, p_d, p_sg, p_su, p_sd, n_g, n_u, n_d,
                    BLOCK_K: tl.constexpr, BLOCK: tl.constexpr, ITER: tl.constexpr):
     """Program (i, c, m): chunk c of matrix m (gate, up, down) of the expert in slot i, host -> staging.
-    Programs (i, 0, 0) also write slot i's local id (i, or -1 when fewer than n_pull experts are the
-    CPU's) and weight. ids, w: one token's (K,); matrices (E, n_m) in elements of one width."""
+    Programs (i, 0, 0) also write slot i's local id (i, or -1 when fewer than n (p_n[0]) experts are pulled,
+    or fewer than n are the CPU's) and weight. ids, w: one token's (K,); matrices (E, n_m) in elements of one
+    width."""
     i, c, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_k = tl.arange(0, BLOCK_K)
     ids = tl.load(p_ids + o_k, mask=o_k < K, other=-1)
-    here = pulled_slot(ids, n_pull) == i
+    here = pulled_slot(ids, tl.load(p_n)) == i
     found = tl.sum(here.to(tl.int32), axis=0) > 0
     e = tl.sum(tl.where(here, ids, 0), axis=0)
     if (c == 0) & (m == 0):
@@ -162,17 +192,17 @@ def _width(experts: ExpertTensors) -> torch.dtype:
 class PulledExperts:
     """One MoE layer's pulled share: call it on a decode step's token to get the pulled experts' sum."""
 
-    def __init__(self, experts: ExpertTensors, n_pull: int, staging: torch.Tensor,
+    def __init__(self, experts: ExpertTensors, count: PullCount, staging: torch.Tensor,
                  registration: HostRegistration | None):
-        """experts: the layer's host blocks (registered, or on the CPU for the interpreter); staging: a
-        uint8 device buffer of at least staging_bytes(experts, n_pull), shared by the layers (a step runs
-        them one after another); registration: kept alive while this layer may read host memory."""
+        """experts: the layer's host blocks (registered, or on the CPU for the interpreter); count: how many
+        to pull (count.slots at most); staging: a uint8 device buffer of at least staging_bytes(experts,
+        count.slots), shared by the layers (a step runs them one after another); registration: kept alive
+        while this layer may read host memory."""
         for t in (experts.gate_type, experts.up_type, experts.down_type):
             if t not in PULL_TYPES:
                 raise ValueError(f"the GPU cannot read {t.name} expert blocks from host memory")
-        if not 0 < n_pull <= 16:
-            raise ValueError(f"the GPU pulls 1 to 16 experts per token, not {n_pull}")
-        self.n, self.registration = n_pull, registration
+        self.count, self.registration = count, registration
+        n_pull = count.slots
         width = _width(experts)
         self._src = [_host_tensor(a).view(a.shape[0], -1).view(width) for a in
                      (experts.gate, experts.up, experts.down)]
@@ -200,15 +230,15 @@ class PulledExperts:
     def __call__(self, x: torch.Tensor, cpu_ids: torch.Tensor, w: torch.Tensor,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """x (1, D) f32 or bf16, cpu_ids (1, K) int64 (-1: not the CPU's), w (1, K) f32 -> (1, D) f32: the
-        pulled experts' weighted sum, added to `out` if given, else in a buffer reused by the next call.
-        No host synchronisation."""
+        weighted sum of the count's experts, added to `out` if given, else in a buffer reused by the next
+        call. No host synchronisation."""
         K = cpu_ids.shape[-1]
         if cpu_ids.shape[0] != 1 or not cpu_ids.is_contiguous() or not w.is_contiguous():
             raise ValueError("pulled experts serve one token's contiguous (1, K) ids and weights")
         g, u, d = self._src
         sg, su, sd = self._dst
         _gather_kernel[self._grid](
-            cpu_ids, w, K, self.n, self.slot_id, self.slot_w, g, u, d, sg, su, sd, g.shape[1], u.shape[1], d.shape[1],
+            cpu_ids, w, K, self.count.device, self.slot_id, self.slot_w, g, u, d, sg, su, sd, g.shape[1], u.shape[1], d.shape[1],
             BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK=self._block, ITER=self._iters, num_warps=4)
         if out is not None:
             return moe_ffn(x, self.slot_id, self.slot_w, self.staged, out=out, accumulate=True)

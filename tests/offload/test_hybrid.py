@@ -153,18 +153,26 @@ def test_the_planner_counts_what_the_gpu_kernels_keep():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("gpu_experts, pull", [(0, 0), (3, 0), (8, 0), (0, 1), (3, 1), (0, 2)])
-def test_decode_steps_replayed_as_cuda_graphs_give_the_reference_tokens(nano, reference_tokens, gpu_experts, pull):
+@pytest.mark.parametrize("gpu_experts, pull", [(0, 0), (3, 0), (8, 0), (0, 1), (3, 1), (0, 2), (0, "tuned")])
+def test_decode_steps_replayed_as_cuda_graphs_give_the_reference_tokens(nano, reference_tokens, gpu_experts, pull,
+                                                                        monkeypatch):
     """offload/graphs.py: the first step runs eagerly and captures, later steps replay; same tokens. pull:
-    that many of each token's CPU experts read by the GPU from the file's memory (kernels/gpu/pull.py)."""
+    that many of each token's CPU experts read by the GPU from the file's memory (kernels/gpu/pull.py), or
+    "tuned": the count changed between replays of one capture (offload/pulltune.py, rounds of one step)."""
+    from dslocal.offload import pulltune
     from dslocal.offload.graphs import GraphedDecoder
     from dslocal.offload.place import attach_pull
     from dslocal.runtime.model import LatentCache
     _, f, cfg, tok = nano
     worker = ExpertWorker(threads=2) if gpu_experts < cfg.n_expert else None
+    monkeypatch.setattr(pulltune, "WARMUP_STEPS", 0)
+    monkeypatch.setattr(pulltune, "SAMPLES", 1)
+    monkeypatch.setattr(pulltune, "MAX_ROUNDS", 1000)
     try:
         model = load_offloaded(f, cfg, placement_for(f, cfg, gpu_experts), "cuda", torch.float32, worker)
-        if pull:
+        if pull == "tuned":
+            assert attach_pull(model, 1, torch.device("cuda"), cfg.n_expert_used, tune=True) > 0
+        elif pull:
             assert attach_pull(model, pull, torch.device("cuda")) > 0
         for p in PROMPTS:
             prompt = tok.encode(p)
@@ -181,6 +189,8 @@ def test_decode_steps_replayed_as_cuda_graphs_give_the_reference_tokens(nano, re
             assert step.graphs is not None and step.graphs.graph is not None
             assert len(step.graphs.handoffs) == (n_moe if worker else 0)     # one hand-off per MoE layer
             assert step.graphs.steps == (N - 1 if worker else 0)             # every step after the first replayed
+            if pull == "tuned":
+                assert len({n for r in step.graphs.tuner.rounds for n in r}) >= 2   # more than one count ran
     finally:
         if worker is not None:
             worker.close()

@@ -74,6 +74,27 @@ def test_send_then_receive_in_a_replayed_graph():
         assert z.dtype == torch.bfloat16 and torch.equal(z.cpu(), want)
 
 
+def test_a_send_hands_the_cpu_the_experts_the_gpu_does_not_pull():
+    """The pull count is read on the device: one captured send follows it from replay to replay."""
+    from dslocal.kernels.gpu import handoff
+    from dslocal.kernels.gpu.pull import PullCount, cpu_share
+    x, w = torch.randn((1, D), device="cuda"), torch.rand((1, K), device="cuda")
+    ids = torch.tensor([[5, -1, 2, 7, -1, 3]], device="cuda")
+    x_host, ids_host, w_host = pinned((1, D), torch.float32), pinned((1, K), torch.int64), pinned((1, K), torch.float32)
+    sync, step = pinned(24, torch.int64), torch.ones(1, dtype=torch.int64, device="cuda")
+    count = PullCount(1, 4, torch.device("cuda"))
+    handoff.send(x, ids, w, x_host, ids_host, w_host, sync, READY, step, count.device)     # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        handoff.send(x, ids, w, x_host, ids_host, w_host, sync, READY, step, count.device)
+    for n in (1, 3, 0, 4, 2):
+        count.set(n)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert ids_host.tolist() == cpu_share(ids.cpu(), n)[0].tolist(), n
+
+
 def test_a_receive_never_answered_gives_the_step_up():
     from dslocal.kernels.gpu import handoff
     y = torch.ones((1, D), device="cuda")

@@ -12,7 +12,7 @@ import torch
 from dslocal.kernels import ref
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.kernels.gpu import moe
-from dslocal.kernels.gpu.pull import HostRegistration, PulledExperts, cpu_share
+from dslocal.kernels.gpu.pull import HostRegistration, PullCount, PulledExperts, cpu_share
 from dslocal.quant.ggml import GGMLType
 from dslocal.quant.quantize import quantize
 
@@ -73,15 +73,19 @@ def nse(y, want) -> float:
 def test_pulled_sum_matches_reference(types, device, tmp_path):
     rng = np.random.default_rng(int(types[0]))
     ex = experts_of(*types, rng)
-    n = 2
-    staging = torch.zeros(PulledExperts.staging_bytes(ex, n) + 64, dtype=torch.uint8, device=device)
+    slots = 3
+    staging = torch.zeros(PulledExperts.staging_bytes(ex, slots) + 64, dtype=torch.uint8, device=device)
     registration = None
     if ON_CUDA:         # the GPU reads the experts from host memory, as a model's from its file map
         ex = mapped(ex, tmp_path / "experts.bin")
         registration = HostRegistration([ex.gate, ex.up, ex.down])
-    pulled = PulledExperts(ex, n, staging, registration)
-    cases = [[3, -1, 0, 6, 1, -1], [-1, -1, -1, 4, -1, -1], [-1] * 6, [7, 2]]
-    for ids in cases:
+    count = PullCount(2, slots, torch.device(device))
+    pulled = PulledExperts(ex, count, staging, registration)
+    # the count is read on the device at each call: the same object serves every count up to its slots
+    cases = [(2, [3, -1, 0, 6, 1, -1]), (2, [-1, -1, -1, 4, -1, -1]), (2, [-1] * 6), (2, [7, 2]),
+             (3, [3, -1, 0, 6, 1, -1]), (1, [3, -1, 0, 6, 1, -1]), (0, [3, -1, 0, 6, 1, -1])]
+    for n, ids in cases:
+        count.set(n)
         K = len(ids)
         cpu_ids = np.array([ids], np.int64)
         w = rng.random((1, K), dtype=np.float32)
@@ -96,7 +100,7 @@ def test_pulled_sum_matches_reference(types, device, tmp_path):
                 assert torch.equal(pulled.staged.gate[s].cpu(), torch.from_numpy(ex.gate[ids[k]]))
                 assert torch.equal(pulled.staged.down[s].cpu(), torch.from_numpy(ex.down[ids[k]]))
         err = nse(y.cpu(), want)
-        print(f"{[t.name for t in types]} ids {ids}: NSE {err:.2e}")
+        print(f"{[t.name for t in types]} n {n} ids {ids}: NSE {err:.2e}")
         assert err < NSE_F32, f"ids {ids}: NSE {err:.2e}"
         base = torch.from_numpy(rng.standard_normal((1, D), dtype=np.float32)).to(device)
         into = base.clone()       # the layer's sum so far: the pulled share is added to it
@@ -120,10 +124,12 @@ def test_rejects_what_it_cannot_pull(device):
     staging = torch.zeros(1 << 20, dtype=torch.uint8, device=device)
     ex = experts_of(T_.Q4_K, T_.Q4_K, T_.F16, rng)
     with pytest.raises(ValueError, match="cannot read F16"):
-        PulledExperts(ex, 2, staging, None)
+        PulledExperts(ex, PullCount(2, 2, torch.device(device)), staging, None)
     ex = experts_of(T_.Q4_K, T_.Q4_K, T_.Q5_0, rng)
     with pytest.raises(ValueError, match="1 to 16"):
-        PulledExperts(ex, 0, staging, None)
+        PullCount(0, 0, torch.device(device))
+    with pytest.raises(ValueError, match="must be 0 to 2"):
+        PullCount(3, 2, torch.device(device))
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU (host memory registered with CUDA)")
