@@ -12,6 +12,8 @@ flags in pinned host memory (kernels/gpu/handoff.py; offload/hybrid.py, Offloade
          the CPU's flag, adds its result
     GPU  residual .. the next MoE layer's send ...                   and last: final norm, head -> logits
 
+A layer whose token has no expert left for the CPU (all its experts on the GPU or pulled) does not wait:
+the send marks it idle and the receive goes on with the GPU's share (kernels/gpu/handoff.py).
 The worker's thread launches the graph and then runs the layers one after another, each a compiled call
 that waits for its inputs' flag without returning to Python (kernels/cpu/moe.py LayerCall.synced): no
 launch, event or thread wake-up sits between the two sides. Each layer's flags are its own (one cache
@@ -40,6 +42,7 @@ from dslocal.offload.pulltune import PullTuner
 from dslocal.runtime.model import DeepSeek, LatentCache
 
 FLAG_STRIDE = 8      # int64s between flags: each in a 64-byte cache line of its own
+SKIP_IDLE = True     # a layer whose token left the CPU no expert does not wait for the CPU (handoff.py)
 
 
 class DecodeGraphs:
@@ -59,6 +62,8 @@ class DecodeGraphs:
         # flags: ready (GPU -> CPU) and done (CPU -> GPU) per hand-off, then abort
         self._sync = torch.zeros(FLAG_STRIDE * (2 * len(self.moes) + 1), dtype=torch.long,
                                  pin_memory=worker is not None)
+        # per hand-off: whether the CPU got any expert this step (written by the send, read by the receive)
+        self._busy = torch.zeros(max(len(self.moes), 1), dtype=torch.int32, device=self.device)
         self._buffers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._calls: dict[int, LayerCall] = {}      # each layer's CPU experts on its fixed buffers
         self._capturing = False
@@ -74,7 +79,7 @@ class DecodeGraphs:
             from dslocal.kernels.gpu import handoff
             j = self.handoffs.index(moe)
             handoff.send(x, cpu_ids, w, x_host, ids_host, w_host, self._sync, self._flag(j, "ready"), self._step,
-                         None if moe.pull is None else moe.pull.device)
+                         None if moe.pull is None else moe.pull.device, self._busy[j:j + 1] if SKIP_IDLE else None)
             return
         if moe in self.handoffs:
             raise RuntimeError("a decode step handed the same layer to the CPU twice")
@@ -96,7 +101,7 @@ class DecodeGraphs:
             from dslocal.kernels.gpu import handoff
             j = self.handoffs.index(moe)
             return handoff.receive(y, out_host, self._sync, self._flag(j, "done"), self._flag(0, "abort"),
-                                   self._step, dtype)
+                                   self._step, dtype, busy=self._busy[j:j + 1] if SKIP_IDLE else None)
         self.worker.wait()
         y += out_host.to(y.device, non_blocking=True)
         return y.to(dtype)

@@ -239,7 +239,8 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
 def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu, td, n_threads,
                   first_share, small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out):
     """_moe_layer once sync[i_ready] >= step (the inputs' writer sets it after the inputs), then
-    sync[i_done] = step. Returns 1 when the layer ran, 0 when `spins` polls went by without the flag, -1 when
+    sync[i_done] = step. Returns 1 when the layer ran (or had no pair to run: all ids -1, as when every
+    expert of the token is the GPU's), 0 when `spins` polls went by without the flag, -1 when
     sync[i_abort] >= step (the other side gave the step up). All three flags are int64 in one array."""
     while _load_acquire(sync, i_ready) < step:
         if _load_acquire(sync, i_abort) >= step:
@@ -248,8 +249,9 @@ def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate
         if spins <= 0:
             return 0
         _pause()
-    _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
-               h, h8q, h16, hd, hs, out)
+    if ids.max() >= 0:      # no pair: nothing to compute, and the GPU does not read out (handoff.py, busy)
+        _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16,
+                   xd, xs, h, h8q, h16, hd, hs, out)
     _store_release(sync, i_done, step)
     return 1
 

@@ -15,6 +15,10 @@ into the device's address space):
 is ever reset. Beside each flag (index + 1) the GPU leaves its clock (%globaltimer, ns) at the moment it
 set the ready flag or saw the done flag, and beside the done flag (index + 2) when the receive began to
 wait: offload/graphs.py reads them for `DecodeGraphs.timeline()`.
+A token whose experts in a layer are all the GPU's (its own, or pulled) leaves the CPU nothing to do: the
+send then marks the layer idle in device memory (`busy`), the receive does not wait for the CPU's answer,
+and the CPU side, finding only -1 ids, sets its done flag without running the layer. With the hottest
+experts on the GPU most of a decode step's layers are so (README, Measured).
 sync[abort] >= step gives the step up: the CPU side sets it when its layer fails, a receive sets it after
 TIMEOUT_S without an answer, so a failure ends the step (with a wrong result, which the host then
 refuses) instead of hanging the GPU. One program of four warps per call: a decode step hands over one
@@ -46,10 +50,11 @@ def _now_ns():
 
 
 @triton.jit
-def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N, NK, p_n,
-                 PULL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N, NK, p_n, p_busy,
+                 PULL: tl.constexpr, MARK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x (N,) as f32, ids (NK,) int64, w (NK,) f32 copied to their host buffers, then sync[i_ready] = step.
-    With PULL (one token: NK = K) the p_n[0] ids the GPU pulls (kernels/gpu/pull.py) arrive as -1."""
+    With PULL (one token: NK = K) the p_n[0] ids the GPU pulls (kernels/gpu/pull.py) arrive as -1. With
+    MARK, busy[0] = 1 if any id the CPU gets is >= 0, else 0."""
     o = tl.arange(0, BLOCK_N)
     for start in range(0, N, BLOCK_N):
         m = start + o < N
@@ -59,6 +64,8 @@ def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N
     ids = tl.load(p_ids + o_k, mask=m_k, other=-1)
     if PULL:
         ids = tl.where(pulled_slot(ids, tl.load(p_n)) >= 0, -1, ids)
+    if MARK:
+        tl.store(p_busy, (tl.max(tl.where(m_k, ids, -1), axis=0) >= 0).to(tl.int32))
     tl.store(p_idsh + o_k, ids, mask=m_k)
     tl.store(p_wh + o_k, tl.load(p_w + o_k, mask=m_k), mask=m_k)
     tl.store(p_sync + i_ready + 1, _now_ns())     # when, for profiles (the flag's cache line has room)
@@ -68,8 +75,20 @@ def _send_kernel(p_x, p_ids, p_w, p_xh, p_idsh, p_wh, p_sync, p_step, i_ready, N
 
 
 @triton.jit
-def _receive_kernel(p_y, p_outh, p_z, p_sync, p_step, i_done, i_abort, N, timeout_ns, BLOCK_N: tl.constexpr):
-    """Once sync[i_done] >= step (or sync[i_abort] >= step): z = y + out (N,), out read from host memory."""
+def _receive_kernel(p_y, p_outh, p_z, p_sync, p_step, i_done, i_abort, N, timeout_ns, p_busy,
+                    CHECK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Once sync[i_done] >= step (or sync[i_abort] >= step): z = y + out (N,), out read from host memory.
+    With CHECK and busy[0] == 0 (the CPU had nothing to do): z = y at once."""
+    if CHECK:
+        if tl.load(p_busy) == 0:
+            t = _now_ns()
+            tl.store(p_sync + i_done + 1, t)     # for profiles: answered at once
+            tl.store(p_sync + i_done + 2, t)
+            o = tl.arange(0, BLOCK_N)
+            for start in range(0, N, BLOCK_N):
+                m = start + o < N
+                tl.store(p_z + start + o, tl.load(p_y + start + o, mask=m).to(p_z.dtype.element_ty), mask=m)
+            return
     step = tl.load(p_step)
     done = tl.load(p_sync + i_done, volatile=True)
     abort = tl.load(p_sync + i_abort, volatile=True)
@@ -99,12 +118,13 @@ def _check_host(t: torch.Tensor, name: str) -> None:
 
 def send(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_host: torch.Tensor, ids_host: torch.Tensor,
          w_host: torch.Tensor, sync: torch.Tensor, i_ready: int, step: torch.Tensor,
-         n_pull: torch.Tensor | None = None) -> None:
+         n_pull: torch.Tensor | None = None, busy: torch.Tensor | None = None) -> None:
     """Copy x (M, D), ids (M, K) int64 and w (M, K) f32 from the GPU into their pinned host buffers (same
     shapes; x_host f32, x f32 or half precision, converted on the way), then set sync[i_ready] = step[0]
     (sync: pinned int64, step: int64 on x's device).
     n_pull (M = 1 only; int64 (1,) on the device, read when the kernel runs): the last n_pull[0] CPU experts
-    are the GPU's (kernels/gpu/pull.py) and reach the host as -1."""
+    are the GPU's (kernels/gpu/pull.py) and reach the host as -1. busy (int32 (1,) on the device): set to
+    whether any id the host gets is >= 0, for the receive."""
     for t, host, dtypes, name in ((x, x_host, (torch.float32, torch.bfloat16, torch.float16), "x"),
                                   (ids, ids_host, (torch.int64,), "ids"), (w, w_host, (torch.float32,), "w")):
         if t.dtype not in dtypes or host.dtype != dtypes[0] or t.shape != host.shape or not t.is_contiguous():
@@ -116,14 +136,17 @@ def send(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_host: torch.Tens
         raise ValueError("experts are pulled by the GPU for one token at a time")
     K = ids.numel()
     _send_kernel[(1,)](x, ids, w, x_host, ids_host, w_host, sync, step, i_ready, x.numel(), K,
-                       step if n_pull is None else n_pull, PULL=n_pull is not None, BLOCK_N=BLOCK,
+                       step if n_pull is None else n_pull, step if busy is None else busy,
+                       PULL=n_pull is not None, MARK=busy is not None, BLOCK_N=BLOCK,
                        BLOCK_K=max(16, triton.next_power_of_2(K)), num_warps=4)
 
 
 def receive(y: torch.Tensor, out_host: torch.Tensor, sync: torch.Tensor, i_done: int, i_abort: int,
-            step: torch.Tensor, dtype: torch.dtype, timeout_s: float = TIMEOUT_S) -> torch.Tensor:
+            step: torch.Tensor, dtype: torch.dtype, timeout_s: float = TIMEOUT_S,
+            busy: torch.Tensor | None = None) -> torch.Tensor:
     """Wait on the GPU for sync[i_done] >= step[0], then return y + out_host as dtype: y (M, D) f32 on the
-    GPU, out_host (M, D) f32 pinned. Gives up after timeout_s (sets sync[i_abort]; the sum is then wrong)."""
+    GPU, out_host (M, D) f32 pinned. Gives up after timeout_s (sets sync[i_abort]; the sum is then wrong).
+    busy: the send's mark; where it is 0 the CPU had nothing to add, and y is returned without waiting."""
     if y.dtype != torch.float32 or out_host.dtype != torch.float32 or y.shape != out_host.shape \
             or not y.is_contiguous():
         raise ValueError("receive needs y and its host result as contiguous float32 of one shape")
@@ -131,5 +154,5 @@ def receive(y: torch.Tensor, out_host: torch.Tensor, sync: torch.Tensor, i_done:
     _check_host(sync, "sync")
     z = torch.empty(y.shape, dtype=dtype, device=y.device)
     _receive_kernel[(1,)](y, out_host, z, sync, step, i_done, i_abort, y.numel(), int(timeout_s * 1e9),
-                          BLOCK_N=BLOCK, num_warps=4)
+                          step if busy is None else busy, CHECK=busy is not None, BLOCK_N=BLOCK, num_warps=4)
     return z

@@ -234,6 +234,10 @@ def test_a_synced_layer_call_waits_for_its_flag_and_sets_its_own(monkeypatch):
     with pytest.raises(TimeoutError, match="did not arrive"):
         call.synced(sync, 0, 8, 16, 7, timeout=0.2)
     assert sync[8] == 5 and not call.out.any()
+    ids[:] = -1                                # every expert the GPU's: done at once, out not written
+    call.out[:] = np.nan
+    sync[0] = 8
+    assert call.synced(sync, 0, 8, 16, 8) and sync[8] == 8 and np.isnan(call.out).all()
 
 
 @pytest.mark.parametrize("share, small", [(0, 1), (50, 64), (100, 4)])

@@ -95,6 +95,26 @@ def test_a_send_hands_the_cpu_the_experts_the_gpu_does_not_pull():
         assert ids_host.tolist() == cpu_share(ids.cpu(), n)[0].tolist(), n
 
 
+def test_a_layer_with_no_cpu_expert_does_not_wait_for_the_cpu():
+    """The send marks whether the CPU got any expert; where it got none the receive returns the GPU's share
+    at once (no CPU side answers here: a wait would run into the timeout)."""
+    from dslocal.kernels.gpu import handoff
+    x, y, w = torch.randn((1, D), device="cuda"), torch.randn((1, D), device="cuda"), torch.rand((1, K), device="cuda")
+    x_host, ids_host, w_host, out_host = pinned((1, D), torch.float32), pinned((1, K), torch.int64), \
+        pinned((1, K), torch.float32), pinned((1, D), torch.float32)
+    sync, step = pinned(24, torch.int64), torch.ones(1, dtype=torch.int64, device="cuda")
+    busy = torch.full((1,), 7, dtype=torch.int32, device="cuda")
+    out_host.fill_(float("nan"))
+    for ids, want in (([[3, -1, -1, -1, -1, -1]], 1), ([[-1] * K], 0)):
+        handoff.send(x, torch.tensor(ids, device="cuda"), w, x_host, ids_host, w_host, sync, READY, step, busy=busy)
+        torch.cuda.synchronize()
+        assert int(busy) == want and int(sync[READY]) == int(step)
+    t0 = time.monotonic()
+    z = handoff.receive(y, out_host, sync, DONE, ABORT, step, torch.float32, timeout_s=2.0, busy=busy)
+    torch.cuda.synchronize()
+    assert time.monotonic() - t0 < 1.0 and torch.equal(z, y) and int(sync[ABORT]) == 0 and int(sync[DONE]) == 0
+
+
 def test_a_receive_never_answered_gives_the_step_up():
     from dslocal.kernels.gpu import handoff
     y = torch.ones((1, D), device="cuda")
