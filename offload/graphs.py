@@ -79,7 +79,7 @@ class DecodeGraphs:
             from dslocal.kernels.gpu import handoff
             j = self.handoffs.index(moe)
             handoff.send(x, cpu_ids, w, x_host, ids_host, w_host, self._sync, self._flag(j, "ready"), self._step,
-                         None if moe.pull is None else moe.pull.device, self._busy[j:j + 1] if SKIP_IDLE else None)
+                         None if moe.pull is None else moe.pull.on_device, self._busy[j:j + 1] if SKIP_IDLE else None)
             return
         if moe in self.handoffs:
             raise RuntimeError("a decode step handed the same layer to the CPU twice")

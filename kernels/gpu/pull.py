@@ -13,8 +13,8 @@ step:
     moe_ffn   kernels/gpu/moe.py's GEMVs on the staged blocks, while the CPU computes its share
 
 How many to pull (n) is a device scalar (PullCount) that the kernels read, so one captured decode step
-serves every n up to the staging buffer's slots: offload/graphs.py measures steps at neighbouring n and
-keeps the fastest (the best n depends on the machine's CPU, DRAM and PCIe, and on the model's shapes).
+serves every n up to the staging buffer's slots: offload/pulltune.py times decode steps at neighbouring n
+and keeps the fastest (the best n depends on the machine's CPU, DRAM and PCIe, and on the model's shapes).
 
 The split is one rule written twice: `pulled_slot` (Triton), which the hand-off's send kernel
 (kernels/gpu/handoff.py: the CPU's ids with the pulled ones set to -1) and `_gather_kernel` (which experts
@@ -67,14 +67,14 @@ def cpu_share(cpu_ids: torch.Tensor, n_pull: int) -> tuple[torch.Tensor, torch.T
 
 class PullCount:
     """How many of each token's CPU experts the GPU pulls in decode steps, shared by the model's layers:
-    `device` (int64 (1,), read by the send and gather kernels, so a captured graph follows changes) and
-    its value on the host, `n`. tune: whether the decode steps may change it (offload/graphs.py)."""
+    `on_device` (int64 (1,), read by the send and gather kernels, so a captured graph follows changes) and
+    its value on the host, `n`. tune: whether the decode steps may change it (offload/pulltune.py)."""
 
     def __init__(self, n: int, slots: int, device: torch.device, tune: bool = False):
         if not 0 < slots <= MAX_SLOTS:
             raise ValueError(f"the GPU pulls 1 to {MAX_SLOTS} experts per token, not {slots}")
         self.slots, self.tune = slots, tune
-        self.device = torch.zeros(1, dtype=torch.int64, device=device)
+        self.on_device = torch.zeros(1, dtype=torch.int64, device=device)
         self.n = -1
         self.set(n)
 
@@ -84,7 +84,7 @@ class PullCount:
         if not 0 <= n <= self.slots:
             raise ValueError(f"a pull count must be 0 to {self.slots} (the staging slots), not {n}")
         if n != self.n:
-            self.device.fill_(n)
+            self.on_device.fill_(n)
             self.n = n
 
 
@@ -238,7 +238,8 @@ class PulledExperts:
         g, u, d = self._src
         sg, su, sd = self._dst
         _gather_kernel[self._grid](
-            cpu_ids, w, K, self.count.device, self.slot_id, self.slot_w, g, u, d, sg, su, sd, g.shape[1], u.shape[1], d.shape[1],
+            cpu_ids, w, K, self.count.on_device, self.slot_id, self.slot_w, g, u, d, sg, su, sd, g.shape[1], u.shape[1],
+            d.shape[1],
             BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK=self._block, ITER=self._iters, num_warps=4)
         if out is not None:
             return moe_ffn(x, self.slot_id, self.slot_w, self.staged, out=out, accumulate=True)

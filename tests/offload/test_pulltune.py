@@ -30,7 +30,7 @@ def tune(start: int, slots: int, best: int, rng, noise=0.02, steps=1000) -> tupl
 def test_the_tuner_settles_on_the_fastest_count(start, slots, best):
     tuner, seen = tune(start, slots, best, np.random.default_rng(start * 10 + best))
     assert tuner.done and tuner.count.n == best
-    assert int(tuner.count.device) == best                  # what the kernels read
+    assert int(tuner.count.on_device) == best                  # what the kernels read
     assert set(seen) <= set(range(slots + 1))              # never past the staging slots
     # one round per count moved, and a last one that confirms; each round SAMPLES steps per candidate
     assert len(tuner.rounds) == abs(best - start) + 1

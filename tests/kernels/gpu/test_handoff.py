@@ -83,11 +83,11 @@ def test_a_send_hands_the_cpu_the_experts_the_gpu_does_not_pull():
     x_host, ids_host, w_host = pinned((1, D), torch.float32), pinned((1, K), torch.int64), pinned((1, K), torch.float32)
     sync, step = pinned(24, torch.int64), torch.ones(1, dtype=torch.int64, device="cuda")
     count = PullCount(1, 4, torch.device("cuda"))
-    handoff.send(x, ids, w, x_host, ids_host, w_host, sync, READY, step, count.device)     # compiles
+    handoff.send(x, ids, w, x_host, ids_host, w_host, sync, READY, step, count.on_device)     # compiles
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        handoff.send(x, ids, w, x_host, ids_host, w_host, sync, READY, step, count.device)
+        handoff.send(x, ids, w, x_host, ids_host, w_host, sync, READY, step, count.on_device)
     for n in (1, 3, 0, 4, 2):
         count.set(n)
         graph.replay()
