@@ -1,7 +1,9 @@
 """Export: a trained checkpoint -> deepseek2 GGUF, checked against the torch checkpoint and against llama.cpp.
 
 A briefly trained model (not a random one) has decisive logits, so llama.cpp's greedy continuation must
-equal ours token for token in F32 and in Q8_0 (with like_llama_cpp activation rounding).
+equal ours token for token in F32, and in Q8_0 (with like_llama_cpp activation rounding) at every step
+but near ties: where llama.cpp's own top-2 margin is under NEAR_TIE of its logit range, the order of its
+CPU kernels' sums (chosen by the build machine's instruction set) can flip the choice.
 """
 import dataclasses
 
@@ -24,6 +26,7 @@ CFG = dataclasses.replace(train.PRESETS["nano"], name="export-test", hidden=256,
                           kv_lora_rank=64, dense_ffn=256, n_expert=4, expert_ffn=256, n_mtp=1)
 TC = train.TrainConfig(steps=100, batch=8, seq_len=64, lr=3e-3, warmup=10, eval_every=1000, log_every=1000,
                        ckpt_every=1000, bias_speed=1e-2)
+NEAR_TIE = 0.02    # of llama.cpp's logit range
 TEXTS = ["Once upon a time, Mia the fox lived in the forest.", "12 + 34 = 46.", "Hello, wörld! 深度 🙂\ttab  two",
          " leading space", ""]
 
@@ -143,6 +146,16 @@ def test_llama_cpp_greedy_continuation_is_identical(trained, llamas, greedy, fty
     prompts = ["Once upon a time, Leo the", "45 + 21 = 66.\n13 + 50 =", "Tom has 12 apples.", "The"]
     for text in prompts:
         ids = tok.encode(text)
-        ours, want = greedy.dslocal(model, cfg, ids, 24), greedy.llama(ref, ids, 24)[0]
+        (want, scores), ours = greedy.llama(ref, ids, 24), greedy.dslocal(model, cfg, ids, 24)
         print(f"{ftype} {text!r} -> {tok.decode(ours)!r}")
-        assert ours == want, (text, tok.decode(ours), tok.decode(want))
+        if ftype == "f32":
+            assert ours == want, (text, tok.decode(ours), tok.decode(want))
+            continue
+        # teacher-forced on llama.cpp's continuation: the same choice at every step that is not a near tie
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + want[:-1]]))[0, len(ids) - 1:].numpy()
+        top2 = np.sort(scores, -1)[:, -2:]
+        margin = (top2[:, 1] - top2[:, 0]) / np.abs(scores).max(-1)
+        differ = logits.argmax(-1) != scores.argmax(-1)
+        print(f"  {differ.sum()} of {len(want)} steps differ, llama.cpp's margins there {margin[differ]}")
+        assert not (differ & (margin >= NEAR_TIE)).any(), (text, tok.decode(ours), tok.decode(want))

@@ -110,7 +110,10 @@ def test_quantized_greedy_choices_match_except_near_ties(tiny_gguf, greedy, pres
             worst_gap = max(worst_gap, gap[~same].max(initial=0.0))
         print(f"{preset} {ftype}: same greedy choice at {agree}/{steps} steps; "
               f"largest llama.cpp top-2 gap where we differ {worst_gap:.3f}")
-        assert agree >= 0.9 * steps             # measured 90-94 of 96
-        assert worst_gap < 0.05                 # measured at most 0.034 of the logit range
+        assert agree >= 0.9 * steps             # measured 90-95 of 96
+        # measured at most 0.034 of the logit range with llama.cpp built on a Zen 4 machine, 0.070 on an
+        # AVX512-FP16 Xeon (the same dslocal code: llama.cpp picks its CPU kernels, and their rounding, by
+        # the build machine's instruction set)
+        assert worst_gap < 0.1
     finally:
         ref.close()
