@@ -48,7 +48,7 @@ class Placing:
     expert_threads: int | None = None   # CPU expert threads (default: the physical cores)
     calibrate: bool = True          # measure hotness on a first start when experts can go to the GPU
     pull_experts: int = 0           # --pull-experts N: of each token's CPU experts, N read by the GPU
-    pull_tune: bool = False         # start at pull_experts, then keep the fastest count (offload/graphs.py)
+    pull_tune: bool = False         # start at pull_experts, then keep the fastest count (offload/pulltune.py)
 
 
 def default_pull(n_used: int) -> int:
@@ -128,7 +128,7 @@ def attach_pull(model: DeepSeek, n_pull: int, device: torch.device, slots: int |
                 tune: bool = False) -> int:
     """Register the pages of every CPU expert with CUDA (read-only): decode steps then read n_pull of each
     token's CPU experts on the GPU, from host memory (kernels/gpu/pull.py, one staging buffer of `slots`
-    experts, default n_pull, on the device; with tune, offload/graphs.py may change the count up to
+    experts, default n_pull, on the device; with tune, offload/pulltune.py may change the count up to
     slots), and long prompts copy their streamed experts by DMA straight from the file's map
     (offload/prefill.py). Returns the bytes registered; raises RuntimeError where CUDA refuses the
     registration (nothing is then attached)."""

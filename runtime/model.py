@@ -61,6 +61,18 @@ class Linear(nn.Linear):
         return Fn.linear(round_activations(x, self.act), self.weight)
 
 
+def merge_weights(a: Linear, b: Linear) -> torch.Tensor | None:
+    """One (a.out + b.out, n_in) tensor holding both weights, which become views of it (no extra memory), so
+    one matrix product computes both outputs; None, and nothing changed, where either input is rounded as
+    llama.cpp rounds it. For inference on the model's final device (a later .to() would separate the views)."""
+    if a.act is not None or b.act is not None:
+        return None
+    w = torch.cat([a.weight.detach(), b.weight.detach()])
+    a.weight = nn.Parameter(w[:a.out_features], requires_grad=False)
+    b.weight = nn.Parameter(w[a.out_features:], requires_grad=False)
+    return w
+
+
 def fused(x: torch.Tensor) -> bool:
     """Inference on a CUDA device: the Triton kernels of kernels/gpu stand in for chains of small torch
     kernels (a decode step launches ~2x fewer kernels). Training, evaluation under autocast (mixed dtypes
@@ -163,13 +175,8 @@ class MLA(nn.Module):
         """Let one matrix product compute both projections of x (wq or wq_a, and wkv_a): their weights become
         two views of one (n_q + C + R, D) tensor, w_in. For inference on the model's final device (a later
         .to() would separate the views); kept apart where llama.cpp's activation rounding is emulated."""
-        first = self.wq if hasattr(self, "wq") else self.wq_a
-        if first.act is not None or self.wkv_a.act is not None or self.w_in is not None:
-            return
-        w = torch.cat([first.weight.detach(), self.wkv_a.weight.detach()])
-        first.weight = nn.Parameter(w[:first.out_features], requires_grad=False)
-        self.wkv_a.weight = nn.Parameter(w[first.out_features:], requires_grad=False)
-        self.w_in = w
+        if self.w_in is None:
+            self.w_in = merge_weights(self.wq if hasattr(self, "wq") else self.wq_a, self.wkv_a)
 
     def forward(self, x, cos, sin, cache: LatentCache | None, layer: int, start: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -249,12 +256,8 @@ class MLP(nn.Module):
     def merge_gate_up(self) -> None:
         """Let one matrix product compute gate and up (as MLA.merge_input_projections: two views of one
         (2 * hidden, dim) tensor, for inference on the model's final device)."""
-        if self.w_gate.act is not None or self.w_up.act is not None or self.w_gate_up is not None:
-            return
-        w = torch.cat([self.w_gate.weight.detach(), self.w_up.weight.detach()])
-        self.w_gate.weight = nn.Parameter(w[:self.w_gate.out_features], requires_grad=False)
-        self.w_up.weight = nn.Parameter(w[self.w_gate.out_features:], requires_grad=False)
-        self.w_gate_up = w
+        if self.w_gate_up is None:
+            self.w_gate_up = merge_weights(self.w_gate, self.w_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w_gate_up is not None and fused(x):

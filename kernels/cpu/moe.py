@@ -307,7 +307,7 @@ class LayerCall:
         n8, n16 = T if any(on_bytes) else 0, 0 if all(on_bytes) else T
         # h, the down projection's input, likewise: silu(g) * u is heavy-tailed, and 11 bits cut its
         # rounding error ~65-fold against 8 (rows.py), but the K-quants' own rounding of the weights is
-        # ~100-1000x larger still (NSE 0.02-0.3), and bytes take fewer instructions per weight
+        # ~20-300x larger still (NSE 0.02-0.3 against a layer's 2-5e-4), and bytes take fewer instructions
         h_bytes = DOWN_8BIT and experts.down_type in BYTE_DOT
         p8, p16 = (P, 0) if h_bytes else (0, P)
         self._scratch = (_activations(n8, D, np.int8), *_activations(n16, D, np.int16), np.empty((P, F), np.float32),

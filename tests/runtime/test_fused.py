@@ -1,8 +1,9 @@
 """On CUDA, inference runs the model through kernels/gpu (fused norms with the residual add, rope and the
-latent cache write, MLA decode): the same logits as the torch code that training uses, with and without a cache,
-also with MLA's two input projections and each MLP's gate and up merged into one product, and autocast evaluation (mixed dtypes) keeps
-the torch code. Needs a GPU, but for the merged projections on the CPU; the kernels themselves are tested
-against their references in tests/kernels/gpu, in CI through the Triton interpreter."""
+latent cache write, MLA decode): the same logits as the torch code that training uses, with and without a
+cache, also with MLA's two input projections and each MLP's gate and up merged into one product, and
+autocast evaluation (mixed dtypes) keeps the torch code. Needs a GPU, but for the merged projections on the
+CPU; the kernels themselves are tested against their references in tests/kernels/gpu, in CI through the
+Triton interpreter."""
 import dataclasses
 
 import pytest
