@@ -12,9 +12,9 @@ A round times SAMPLES steps at each of the current count and its two neighbours,
 n-1, ...: a shared machine's speed drifts, so the candidates are compared over the same seconds). A
 neighbour whose median step is more than MARGIN faster wins, and the next round centres on it; once the
 centre stays (or after MAX_ROUNDS) the count is kept for the rest of the process. A round takes ~24 steps,
-about a third of a second for V2-Lite's shapes with every expert in host memory. Counts a few per cent apart can swap places from one round
-to the next on a shared machine (V3 shapes on the GPU box: 3 and 4 of 8 within 4 %, each chosen once in
-two runs); counts further off lose every time.
+about a third of a second for V2-Lite's shapes with every expert in host memory. Counts a few per cent
+apart can swap places from one round to the next on a shared machine (V3 shapes on the GPU box: 3 and 4
+of 8 within 4 %, each chosen once in two runs); counts further off lose every time.
 """
 from __future__ import annotations
 
