@@ -137,7 +137,11 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_
     tokens, block1(f, end, g, ...) for one (the drivers of kernels/cpu/blocks.py with a type's functions).
     Tokens loop inside rows: the row stays in L1 while the activations (4 KB per token per 2048 values) come
     from L2. Four tokens at a time share each unpacked block; the rest go one by one, even and odd blocks
-    into two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one (NOTES.md)."""
+    into two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one (NOTES.md).
+    A single token (a decode step) reads its rows in streams instead (_rows_one)."""
+    if n_src == 1:
+        _rows_one(block1, f, end, g, n_bytes, n_values, w, e, r0, r1, src[0], x, xd, xs, res)
+        return
     R, row_bytes = w.shape[1], w.shape[2]
     n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
     for b0 in range(r0, r1, ROW_BLOCK):
@@ -174,6 +178,59 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_
                     acc0 = block1(f, end, g, acc0, w, p + n_bytes * j, x, xs, s, n_values * j,
                                   xd[s, u64(j) // per_scale])
                 res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
+
+
+@njit(inline="always")
+def _rows_one(block1, f, end, g, n_bytes, n_values, w, e, r0, r1, s, x, xd, xs, res):
+    """res[0, r - r0] = row r . activation row s for one token (a decode step), rows from several places of
+    the range at once: n streams of row bytes keep more reads from DRAM in flight than one. Rows of
+    PREFETCH_MAX_ROW_BYTES or more (V3's gate and up) go four at a time, r0 + i, r0 + q + i, .. (q: a
+    quarter of the range); shorter ones, which also ask for the row PREFETCH_ROWS ahead, two at a time.
+    On the GPU box (16 threads) one-token V3 layers went 1.02-1.15x faster with two streams and up to 1.2x
+    more with four, while four made V2-Lite's short rows slower again (kernels/cpu/NOTES.md). Every
+    row is one chain of blocks in order, so its bits do not depend on how the rows are cut."""
+    R, row_bytes = w.shape[1], w.shape[2]
+    n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
+    short = row_bytes < PREFETCH_MAX_ROW_BYTES
+    done = r0
+    if not short:
+        q = (r1 - r0) // 4
+        for i in range(q):
+            ra = r0 + i
+            pa = (e * R + ra) * row_bytes
+            pb, pc, pd = pa + q * row_bytes, pa + 2 * q * row_bytes, pa + 3 * q * row_bytes
+            acc_a, acc_b, acc_c, acc_d = _zero(), _zero(), _zero(), _zero()
+            for j in range(n_blocks):
+                d, o, v = xd[s, u64(j) // per_scale], n_bytes * j, n_values * j
+                acc_a = block1(f, end, g, acc_a, w, pa + o, x, xs, s, v, d)
+                acc_b = block1(f, end, g, acc_b, w, pb + o, x, xs, s, v, d)
+                acc_c = block1(f, end, g, acc_c, w, pc + o, x, xs, s, v, d)
+                acc_d = block1(f, end, g, acc_d, w, pd + o, x, xs, s, v, d)
+            res[0, ra - r0], res[0, ra + q - r0] = _hsum(acc_a), _hsum(acc_b)
+            res[0, ra + 2 * q - r0], res[0, ra + 3 * q - r0] = _hsum(acc_c), _hsum(acc_d)
+        done = r0 + 4 * q
+    else:
+        q = (r1 - r0) // 2
+        for i in range(q):
+            ra = r0 + i
+            pa = (e * R + ra) * row_bytes
+            pb = pa + q * row_bytes
+            for k in range(0, row_bytes, 64):
+                _prefetch(w, pa + PREFETCH_ROWS * row_bytes + k)
+                _prefetch(w, pb + PREFETCH_ROWS * row_bytes + k)
+            acc_a, acc_b = _zero(), _zero()
+            for j in range(n_blocks):
+                d, o, v = xd[s, u64(j) // per_scale], n_bytes * j, n_values * j
+                acc_a = block1(f, end, g, acc_a, w, pa + o, x, xs, s, v, d)
+                acc_b = block1(f, end, g, acc_b, w, pb + o, x, xs, s, v, d)
+            res[0, ra - r0], res[0, ra + q - r0] = _hsum(acc_a), _hsum(acc_b)
+        done = r0 + 2 * q
+    for r in range(done, r1):         # the rows left over, one at a time
+        p = (e * R + r) * row_bytes
+        acc = _zero()
+        for j in range(n_blocks):
+            acc = block1(f, end, g, acc, w, p + n_bytes * j, x, xs, s, n_values * j, xd[s, u64(j) // per_scale])
+        res[0, r - r0] = _hsum(acc)
 
 
 @njit(inline="always")

@@ -1,0 +1,61 @@
+"""kernels/cpu/rows.py::rows_dot for one token (a decode step), which reads its rows in streams: four rows
+a quarter of the range apart when rows are long (PREFETCH_MAX_ROW_BYTES or more), two when short, and
+the rows left over one at a time. Each row must come out the same whichever stream or leftover it fell
+in, and equal to the dot of the dequantized row with the quantized activations it was given.
+
+Tolerance: both sides multiply the same quantized weights by the same quantized activations; the kernel
+sums int32 lanes per block and float32 per row, the reference in float64, so only float32 rounding of
+the block sums differs (relative ~1e-7 per block); bound 1e-5 of the row's magnitude.
+"""
+import numpy as np
+import pytest
+
+from dslocal.kernels.cpu import rows
+from dslocal.quant.dequant import dequantize
+from dslocal.quant.ggml import GGMLType
+from dslocal.quant.quantize import quantize
+
+T_ = GGMLType
+R = 23    # rows of the expert: ranges below cut it into 1..23 rows
+
+
+def activations(x: np.ndarray, t: GGMLType):
+    """x (1, D) quantized as rows_dot reads it for type t: (x16, xd, xs) in 11 bits and x8q in 8 bits where
+    t takes bytes (an empty x8q otherwise), plus the values those integers stand for, (D,) float64."""
+    s16, sd, ss = rows.activation_shapes(1, x.shape[1])
+    x16, xd, xs = np.empty(s16, np.int16), np.empty(sd, np.float32), np.empty(ss, np.int32)
+    rows.quantize_row(x, 0, x16, xd, xs)
+    x8, xd8, xs8 = np.empty(s16, np.int8), np.empty(sd, np.float32), np.empty(ss, np.int32)
+    rows.quantize_row(x, 0, x8, xd8, xs8, rows.XMAX8)
+    if int(t) in rows.BYTE_DOT:
+        values, scales, x8q = x8, xd8, (x8, xd8, xs8)
+    else:
+        values, scales, x8q = x16, xd, (x8[:0], xd8[:0], xs8[:0])
+    exact = values[0].astype(np.float64) * np.repeat(scales[0].astype(np.float64), rows.QB)[:x.shape[1]]
+    return (x16, xd, xs), x8q, exact
+
+
+# long rows (four streams): Q4_K 4096 values = 2304 bytes, Q8_0 2048 = 2176, Q2_K 7168 = 2352;
+# short rows (two streams): Q6_K 1024 = 840, Q5_0 1408 = 968 (V2-Lite's down rows)
+@pytest.mark.parametrize("t, D", [(T_.Q4_K, 4096), (T_.Q8_0, 2048), (T_.Q2_K, 7168), (T_.Q6_K, 1024),
+                                  (T_.Q5_0, 1408)], ids=lambda v: getattr(v, "name", str(v)))
+def test_one_token_rows_in_streams(t, D):
+    rng = np.random.default_rng(int(t))
+    w = quantize(rng.standard_normal((2, R, D), dtype=np.float32) / np.float32(D ** 0.5), t)
+    long = w.shape[2] >= rows.PREFETCH_MAX_ROW_BYTES
+    assert long == (t in (T_.Q4_K, T_.Q8_0, T_.Q2_K))
+    x = rng.standard_normal((1, D), dtype=np.float32)
+    (x16, xd, xs), x8q, exact = activations(x, t)
+    want = dequantize(w[1], t).astype(np.float64) @ exact                        # expert 1, (R,)
+    src = np.zeros(4, np.int64)
+    whole = np.full((4, R), np.nan, np.float32)
+    rows.rows_dot(int(t), w, 1, 0, R, src, 1, x16, xd, xs, x, whole, x8q)
+    assert np.abs(whole[0] - want).max() < 1e-5 * np.abs(want).max()
+    # every cut: ranges of 1..9 rows (all leftover, streams with and without leftovers) give the same bits
+    for n in range(1, 10):
+        for r0 in range(0, R, n):
+            r1 = min(r0 + n, R)
+            part = np.full((4, R), np.nan, np.float32)
+            rows.rows_dot(int(t), w, 1, r0, r1, src, 1, x16, xd, xs, x, part, x8q)
+            assert np.array_equal(part[0, :r1 - r0], whole[0, r0:r1]), (n, r0)
+            assert np.isnan(part[0, r1 - r0:]).all() and np.isnan(part[1:]).all()   # nothing else written
