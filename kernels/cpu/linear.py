@@ -33,6 +33,9 @@ def _linear(x, w, t, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
     n_small = min(R - big, n_threads * small_per_thread)
     longest = max(big // n_threads, -(-(R - big) // max(n_small, 1))) + 1
     claimed = np.zeros(8, np.int64)
+    # w is one expert, 0, passed as a variable: a literal 0 would type rows_dot's e as Literal[int](0) and
+    # compile every type's row kernels a second time next to moe.py's (~1 minute on two cores)
+    e = w.shape[0] - 1
     for u in prange(n_threads):
         src = np.arange(T)
         res = np.empty((T, longest), np.float32)
@@ -40,7 +43,7 @@ def _linear(x, w, t, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
         while c < n_threads + n_small:
             r0, r1 = _chunk(c, n_threads, big, n_small, R)
             if r1 > r0:
-                rows_dot(t, w, 0, r0, r1, src, T, x16, xd, xs, x, res, x8q)
+                rows_dot(t, w, e, r0, r1, src, T, x16, xd, xs, x, res, x8q)
                 for i in range(T):
                     for j in range(r1 - r0):
                         out[i, r0 + j] = res[i, j]

@@ -41,7 +41,8 @@ ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows 
 # One-token rows shorter than PREFETCH_MAX_ROW_BYTES ask for the row PREFETCH_ROWS ahead while they compute.
 # On the GPU box, decoding the V2-Lite-shaped file (rows of 2048 values, ~1.1 KB in Q4_K; experts read from
 # the file's 4 KB pages, where the hardware prefetcher stops at each page end) went 36-38 -> 41-43 tokens/s;
-# V3's 7168-value rows (4 KB in Q4_K) were ~18% slower with it, so long rows are left to the hardware.
+# V3's 7168-value rows (4 KB in Q4_K) were ~18% slower with it: long rows are read in four streams instead
+# (_rows_one), which shorter ones were not faster with (kernels/cpu/NOTES.md).
 PREFETCH_ROWS = 2
 PREFETCH_MAX_ROW_BYTES = 2048
 
@@ -121,14 +122,20 @@ def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
 @njit(inline="always")
 def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, res):
     """res[i, r - r0] = row r . activation row src[i] on int16 activations (blocks.py `_block1` / `_block4`)."""
-    _rows_by(_block1, _block4, chunk, end, n_values // 16, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs,
-             res)
+    if n_src == 1 and w.shape[2] >= PREFETCH_MAX_ROW_BYTES:
+        _rows_one(_block1, chunk, end, n_values // 16, n_bytes, n_values, w, e, r0, r1, src[0], x16, xd, xs, res)
+    else:
+        _rows_by(_block1, _block4, chunk, end, n_values // 16, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd,
+                 xs, res)
 
 
 @njit(inline="always")
 def _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, res):
     """The same for a K-quant on activations in 8 bits (blocks.py `_block1_8` / `_block4_8`)."""
-    _rows_by(_block1_8, _block4_8, u8, end, m8, n_bytes, 256, w, e, r0, r1, src, n_src, x8, xd, xs, res)
+    if n_src == 1 and w.shape[2] >= PREFETCH_MAX_ROW_BYTES:
+        _rows_one(_block1_8, u8, end, m8, n_bytes, 256, w, e, r0, r1, src[0], x8, xd, xs, res)
+    else:
+        _rows_by(_block1_8, _block4_8, u8, end, m8, n_bytes, 256, w, e, r0, r1, src, n_src, x8, xd, xs, res)
 
 
 @njit(inline="always")
@@ -138,10 +145,8 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_
     Tokens loop inside rows: the row stays in L1 while the activations (4 KB per token per 2048 values) come
     from L2. Four tokens at a time share each unpacked block; the rest go one by one, even and odd blocks
     into two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one (NOTES.md).
-    A single token (a decode step) reads its rows in streams instead (_rows_one)."""
-    if n_src == 1:
-        _rows_one(block1, f, end, g, n_bytes, n_values, w, e, r0, r1, src[0], x, xd, xs, res)
-        return
+    A single token (a decode step) on long rows reads them in streams instead (_rows_one), except on a
+    K-quant's int16 path, which moe.py uses only when GATE_UP_8BIT / DOWN_8BIT are off."""
     R, row_bytes = w.shape[1], w.shape[2]
     n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
     for b0 in range(r0, r1, ROW_BLOCK):
@@ -182,55 +187,34 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_
 
 @njit(inline="always")
 def _rows_one(block1, f, end, g, n_bytes, n_values, w, e, r0, r1, s, x, xd, xs, res):
-    """res[0, r - r0] = row r . activation row s for one token (a decode step), rows from several places of
-    the range at once: n streams of row bytes keep more reads from DRAM in flight than one. Rows of
-    PREFETCH_MAX_ROW_BYTES or more (V3's gate and up) go four at a time, r0 + i, r0 + q + i, .. (q: a
-    quarter of the range); shorter ones, which also ask for the row PREFETCH_ROWS ahead, two at a time.
-    On the GPU box (16 threads) one-token V3 layers went 1.02-1.15x faster with two streams and up to 1.2x
-    more with four, while four made V2-Lite's short rows slower again (kernels/cpu/NOTES.md). Every
-    row is one chain of blocks in order, so its bits do not depend on how the rows are cut."""
+    """res[0, r - r0] = row r . activation row s for one token (a decode step) on rows of PREFETCH_MAX_ROW_BYTES
+    or more, four rows per pass from four places a quarter of the range apart: four streams of row bytes keep
+    more reads from DRAM in flight than one (V3's gate and up, Q8_0 rows of 2048 values). The last n % 4 rows
+    take one more pass, a row repeated where fewer are left: one loop keeps block1 inlined four times, and so
+    the first-use compile short. Every row is one chain of blocks in order in its own accumulator, so its bits
+    do not depend on how the rows are cut."""
     R, row_bytes = w.shape[1], w.shape[2]
     n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
-    short = row_bytes < PREFETCH_MAX_ROW_BYTES
-    done = r0
-    if not short:
-        q = (r1 - r0) // 4
-        for i in range(q):
+    n = r1 - r0
+    q = n // 4
+    for i in range(q + (1 if n % 4 else 0)):
+        if i < q:
             ra = r0 + i
-            pa = (e * R + ra) * row_bytes
-            pb, pc, pd = pa + q * row_bytes, pa + 2 * q * row_bytes, pa + 3 * q * row_bytes
-            acc_a, acc_b, acc_c, acc_d = _zero(), _zero(), _zero(), _zero()
-            for j in range(n_blocks):
-                d, o, v = xd[s, u64(j) // per_scale], n_bytes * j, n_values * j
-                acc_a = block1(f, end, g, acc_a, w, pa + o, x, xs, s, v, d)
-                acc_b = block1(f, end, g, acc_b, w, pb + o, x, xs, s, v, d)
-                acc_c = block1(f, end, g, acc_c, w, pc + o, x, xs, s, v, d)
-                acc_d = block1(f, end, g, acc_d, w, pd + o, x, xs, s, v, d)
-            res[0, ra - r0], res[0, ra + q - r0] = _hsum(acc_a), _hsum(acc_b)
-            res[0, ra + 2 * q - r0], res[0, ra + 3 * q - r0] = _hsum(acc_c), _hsum(acc_d)
-        done = r0 + 4 * q
-    else:
-        q = (r1 - r0) // 2
-        for i in range(q):
-            ra = r0 + i
-            pa = (e * R + ra) * row_bytes
-            pb = pa + q * row_bytes
-            for k in range(0, row_bytes, 64):
-                _prefetch(w, pa + PREFETCH_ROWS * row_bytes + k)
-                _prefetch(w, pb + PREFETCH_ROWS * row_bytes + k)
-            acc_a, acc_b = _zero(), _zero()
-            for j in range(n_blocks):
-                d, o, v = xd[s, u64(j) // per_scale], n_bytes * j, n_values * j
-                acc_a = block1(f, end, g, acc_a, w, pa + o, x, xs, s, v, d)
-                acc_b = block1(f, end, g, acc_b, w, pb + o, x, xs, s, v, d)
-            res[0, ra - r0], res[0, ra + q - r0] = _hsum(acc_a), _hsum(acc_b)
-        done = r0 + 2 * q
-    for r in range(done, r1):         # the rows left over, one at a time
-        p = (e * R + r) * row_bytes
-        acc = _zero()
+            rb, rc, rd = ra + q, ra + 2 * q, ra + 3 * q
+        else:                       # the rows left over
+            ra = r0 + 4 * q
+            rb, rc, rd = min(ra + 1, r1 - 1), min(ra + 2, r1 - 1), min(ra + 3, r1 - 1)
+        pa, pb = (e * R + ra) * row_bytes, (e * R + rb) * row_bytes
+        pc, pd = (e * R + rc) * row_bytes, (e * R + rd) * row_bytes
+        acc_a, acc_b, acc_c, acc_d = _zero(), _zero(), _zero(), _zero()
         for j in range(n_blocks):
-            acc = block1(f, end, g, acc, w, p + n_bytes * j, x, xs, s, n_values * j, xd[s, u64(j) // per_scale])
-        res[0, r - r0] = _hsum(acc)
+            d, o, v = xd[s, u64(j) // per_scale], n_bytes * j, n_values * j
+            acc_a = block1(f, end, g, acc_a, w, pa + o, x, xs, s, v, d)
+            acc_b = block1(f, end, g, acc_b, w, pb + o, x, xs, s, v, d)
+            acc_c = block1(f, end, g, acc_c, w, pc + o, x, xs, s, v, d)
+            acc_d = block1(f, end, g, acc_d, w, pd + o, x, xs, s, v, d)
+        res[0, ra - r0], res[0, rb - r0] = _hsum(acc_a), _hsum(acc_b)
+        res[0, rc - r0], res[0, rd - r0] = _hsum(acc_c), _hsum(acc_d)
 
 
 @njit(inline="always")
@@ -240,7 +224,7 @@ def _rows_k(chunk, end, u8, m8, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, 
     if x8.shape[0]:
         _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd8, xs8, res)
     else:
-        _rows(chunk, end, n_bytes, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+        _rows_by(_block1, _block4, chunk, end, 16, n_bytes, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)

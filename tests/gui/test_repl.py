@@ -86,6 +86,7 @@ def test_interactive_commands_and_ctrl_c(model, tmp_path):
                 assert time.time() < end, s.text()
                 time.sleep(0.05)
             s.p.send_signal(signal.SIGINT)
+            end = time.time() + 300
             while "[stopped]" not in s.text()[before:] and "(Ctrl-D or /quit to leave)" not in s.text()[before:]:
                 assert time.time() < end, s.text()
                 time.sleep(0.05)

@@ -1,7 +1,7 @@
-"""kernels/cpu/rows.py::rows_dot for one token (a decode step), which reads its rows in streams: four rows
-a quarter of the range apart when rows are long (PREFETCH_MAX_ROW_BYTES or more), two when short, and
-the rows left over one at a time. Each row must come out the same whichever stream or leftover it fell
-in, and equal to the dot of the dequantized row with the quantized activations it was given.
+"""kernels/cpu/rows.py::rows_dot for one token (a decode step). Long rows (PREFETCH_MAX_ROW_BYTES or more)
+are read in streams, four rows a quarter of the range apart, the rows left over in one more pass with a
+row repeated; short rows one at a time. Each row must come out the same whichever stream or leftover it
+fell in, and equal to the dot of the dequantized row with the quantized activations it was given.
 
 Tolerance: both sides multiply the same quantized weights by the same quantized activations; the kernel
 sums int32 lanes per block and float32 per row, the reference in float64, so only float32 rounding of
@@ -36,7 +36,7 @@ def activations(x: np.ndarray, t: GGMLType):
 
 
 # long rows (four streams): Q4_K 4096 values = 2304 bytes, Q8_0 2048 = 2176, Q2_K 7168 = 2352;
-# short rows (two streams): Q6_K 1024 = 840, Q5_0 1408 = 968 (V2-Lite's down rows)
+# short rows (one at a time): Q6_K 1024 = 840, Q5_0 1408 = 968 (V2-Lite's down rows)
 @pytest.mark.parametrize("t, D", [(T_.Q4_K, 4096), (T_.Q8_0, 2048), (T_.Q2_K, 7168), (T_.Q6_K, 1024),
                                   (T_.Q5_0, 1408)], ids=lambda v: getattr(v, "name", str(v)))
 def test_one_token_rows_in_streams(t, D):
