@@ -122,20 +122,24 @@ def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
 @njit(inline="always")
 def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, res):
     """res[i, r - r0] = row r . activation row src[i] on int16 activations (blocks.py `_block1` / `_block4`)."""
-    if n_src == 1 and w.shape[2] >= PREFETCH_MAX_ROW_BYTES:
-        _rows_one(_block1, chunk, end, n_values // 16, n_bytes, n_values, w, e, r0, r1, src[0], x16, xd, xs, res)
-    else:
-        _rows_by(_block1, _block4, chunk, end, n_values // 16, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd,
-                 xs, res)
+    _rows_streamed(_block1, _block4, chunk, end, n_values // 16, n_bytes, n_values, w, e, r0, r1, src, n_src, x16,
+                   xd, xs, res)
 
 
 @njit(inline="always")
 def _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, res):
     """The same for a K-quant on activations in 8 bits (blocks.py `_block1_8` / `_block4_8`)."""
+    _rows_streamed(_block1_8, _block4_8, u8, end, m8, n_bytes, 256, w, e, r0, r1, src, n_src, x8, xd, xs, res)
+
+
+@njit(inline="always")
+def _rows_streamed(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_src, x, xd, xs, res):
+    """_rows_by, except that a single token (a decode step) on rows of PREFETCH_MAX_ROW_BYTES or more reads
+    them in streams (_rows_one)."""
     if n_src == 1 and w.shape[2] >= PREFETCH_MAX_ROW_BYTES:
-        _rows_one(_block1_8, u8, end, m8, n_bytes, 256, w, e, r0, r1, src[0], x8, xd, xs, res)
+        _rows_one(block1, f, end, g, n_bytes, n_values, w, e, r0, r1, src[0], x, xd, xs, res)
     else:
-        _rows_by(_block1_8, _block4_8, u8, end, m8, n_bytes, 256, w, e, r0, r1, src, n_src, x8, xd, xs, res)
+        _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_src, x, xd, xs, res)
 
 
 @njit(inline="always")
@@ -145,8 +149,8 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_
     Tokens loop inside rows: the row stays in L1 while the activations (4 KB per token per 2048 values) come
     from L2. Four tokens at a time share each unpacked block; the rest go one by one, even and odd blocks
     into two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one (NOTES.md).
-    A single token (a decode step) on long rows reads them in streams instead (_rows_one), except on a
-    K-quant's int16 path, which moe.py uses only when GATE_UP_8BIT / DOWN_8BIT are off."""
+    _rows / _rows8 go through _rows_streamed, which reads a single token's long rows in streams instead; a
+    K-quant's int16 path (moe.py uses it only with GATE_UP_8BIT / DOWN_8BIT off) comes here directly."""
     R, row_bytes = w.shape[1], w.shape[2]
     n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
     for b0 in range(r0, r1, ROW_BLOCK):
