@@ -25,7 +25,9 @@ FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
 @njit(cache=True, nogil=True, parallel=True)
 def _linear(x, w, t, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, out):
-    """out (T, R) = x (T, D) . rows of w (1, R, row bytes) of type t; the rest is scratch (see linear)."""
+    """out (T, R) = x (T, D) . rows of w (1, R, row bytes) of type t (compiled once per type: rows.py
+    rows_dot); the rest is scratch (see linear)."""
+    numba.literally(t)
     T, R = x.shape[0], w.shape[1]
     for i in range(T):
         _quantize_x(x, i, x16, xd, xs, x8q)
@@ -67,7 +69,19 @@ def linear(x: np.ndarray, blocks: np.ndarray, t: GGMLType, out: np.ndarray | Non
     # x in 8 bits for the K-quants, in 11 for the other quantized types, as it is for float weights
     n8, n16 = (T, 0) if t in BYTE_DOT else (0, 0) if t in FLOATS else (0, T)
     x8q = (np.empty((n8, D), np.int8), np.empty((n8, sd[1]), np.float32), np.empty((n8, ss[1]), np.int32))
-    _linear(x, np.ascontiguousarray(blocks).reshape(1, R, -1), int(t), numba.get_num_threads(), FIRST_SHARE,
-            SMALL_CHUNKS, x8q, np.empty((n16, D), np.int16), np.empty((n16, sd[1]), np.float32),
-            np.empty((n16, ss[1]), np.int32), out)
+    _for_type(int(t))(x, np.ascontiguousarray(blocks).reshape(1, R, -1), numba.get_num_threads(), FIRST_SHARE,
+                      SMALL_CHUNKS, x8q, np.empty((n16, D), np.int16), np.empty((n16, sd[1]), np.float32),
+                      np.empty((n16, ss[1]), np.int32), out)
     return out
+
+
+_by_type = {}
+
+
+def _for_type(t: int):
+    """_linear for weights of GGML type t, compiled with t as a constant (as moe.py _for_types does for layers)."""
+    if t not in _by_type:
+        def linear_t(x, w, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, out):
+            _linear(x, w, t, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, out)
+        _by_type[t] = njit(cache=True, nogil=True)(linear_t)
+    return _by_type[t]

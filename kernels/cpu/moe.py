@@ -41,6 +41,7 @@ from numba.extending import intrinsic
 from dslocal.kernels.cpu import gemm
 from dslocal.kernels.cpu.rows import BYTE_DOT, XMAX8, activation_shapes, quantize_row, rows_dot
 from dslocal.kernels.experts import ExpertTensors
+from dslocal.quant.ggml import GGMLType
 
 f32 = np.float32
 TOKEN_BLOCK = 64     # pairs per pass over a weight tile: their int16 activations stay in L2 while it is read
@@ -204,7 +205,12 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
     small_per_thread chunks each.
     x8q: x in 8 bits for the gate / up projections (rows.py rows_dot), and x16 / xd / xs x in 11 bits; either
     may have no rows when no projection reads it. h8q and h16 / hd / hs: the same for h, the down projection's
-    input."""
+    input.
+    tg, tu, td: the projections' GGML types, compile-time constants (rows.py rows_dot): one compiled layer per
+    combination of types, which only the kernels of those types go into."""
+    numba.literally(tg)
+    numba.literally(tu)
+    numba.literally(td)
     T = x.shape[0]
     E, F, D = gate.shape[0], gate.shape[1], down.shape[1]
     start, pair_tok, pair_w, active = _route(ids, wts, E)
@@ -242,6 +248,9 @@ def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate
     sync[i_done] = step. Returns 1 when the layer ran (or had no pair to run: all ids -1, as when every
     expert of the token is the GPU's), 0 when `spins` polls went by without the flag, -1 when
     sync[i_abort] >= step (the other side gave the step up). All three flags are int64 in one array."""
+    numba.literally(tg)
+    numba.literally(tu)
+    numba.literally(td)
     while _load_acquire(sync, i_ready) < step:
         if _load_acquire(sync, i_abort) >= step:
             return -1
@@ -256,7 +265,30 @@ def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate
     return 1
 
 
-_compiled = False
+_by_types = {}
+
+
+def _for_types(tg: int, tu: int, td: int):
+    """(_moe_layer, _synced_layer) for gate, up and down of GGML types tg, tu, td, as compiled functions that
+    take every argument but the types, which they hold as constants. The row kernels are chosen when the layer
+    compiles (rows.py rows_dot), so a process compiles only the types its model has; and from Python, a call
+    with the types as arguments would go through Numba's literal dispatch every time (~2 ms a call)."""
+    if (tg, tu, td) not in _by_types:
+        def layer(x, ids, wts, gate, up, down, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, h, h8q,
+                  h16, hd, hs, out):
+            _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16,
+                       xd, xs, h, h8q, h16, hd, hs, out)
+
+        def synced(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, n_threads, first_share,
+                   small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out):
+            return _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu,
+                                 td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd,
+                                 hs, out)
+        _by_types[tg, tu, td] = njit(cache=True, nogil=True)(layer), njit(cache=True, nogil=True)(synced)
+    return _by_types[tg, tu, td]
+
+
+_noticed = set()   # combinations of types whose compile was announced
 
 
 def moe_ffn(x, topk_ids, topk_weights, experts: ExpertTensors, out=None):
@@ -299,8 +331,9 @@ class LayerCall:
             raise ValueError(f"out must be C-contiguous float32 ({T}, {D}), got {out_n.dtype} {tuple(out_n.shape)}")
         P, F = ids.size, experts.ffn
         self.ids, self.out, self.experts = ids, out_n, experts
-        self._inputs = (xn, ids, wts, experts.gate, experts.up, experts.down,
-                         int(experts.gate_type), int(experts.up_type), int(experts.down_type))
+        self._inputs = (xn, ids, wts, experts.gate, experts.up, experts.down)
+        self._types = int(experts.gate_type), int(experts.up_type), int(experts.down_type)
+        self._layer, self._synced = _for_types(*self._types)
         # x in 8 bits where a gate / up projection is a K-quant (its loops multiply bytes), in 11 bits where
         # one is not: a buffer of no rows is not filled
         on_bytes = [GATE_UP_8BIT and t in BYTE_DOT for t in (experts.gate_type, experts.up_type)]
@@ -317,14 +350,14 @@ class LayerCall:
         """Run the layer on numba.get_num_threads() threads; returns out (numpy, shared with the buffer).
         In calls of gemm.GEMM_MIN_CALL tokens or more, experts with GEMM_MIN_TOKENS tokens or more go
         through kernels/cpu/gemm.py instead (torch's own threads), the rest through the row kernels."""
-        _compile_notice()
+        _compile_notice(self._layer, self._types)
         inputs, ids, many = self._inputs, self.ids, ()
         if ids.shape[0] >= max(gemm.GEMM_MIN_CALL, gemm.GEMM_MIN_TOKENS) and gemm.enabled():
             counts = np.bincount(ids[ids >= 0], minlength=self.experts.n_expert)
             many = np.flatnonzero(counts >= gemm.GEMM_MIN_TOKENS)
             if len(many):      # the row kernels see those pairs as computed elsewhere (-1)
                 inputs = (inputs[0], np.where(np.isin(ids, many), -1, ids)) + inputs[2:]
-        _moe_layer(*inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
+        self._layer(*inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
         if len(many):
             x, wts = self._inputs[0], self._inputs[2]
             gemm.add_experts(x, ids, wts, self.experts, many, self.out)
@@ -337,11 +370,11 @@ class LayerCall:
         The flags are int64 in one array (pinned host memory when a GPU writes or reads them). Returns
         False, without running, if sync[i_abort] reaches step first; raises TimeoutError after `timeout`
         seconds without either. The row kernels only: a decode step's layers have one token."""
-        _compile_notice()
+        _compile_notice(self._synced, self._types)
         deadline = None
         while True:
-            ran = _synced_layer(sync, i_ready, i_done, i_abort, step, SPINS, *self._inputs, numba.get_num_threads(),
-                                FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
+            ran = self._synced(sync, i_ready, i_done, i_abort, step, SPINS, *self._inputs, numba.get_num_threads(),
+                               FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
             if ran:
                 return ran > 0
             now = time.monotonic()
@@ -366,13 +399,12 @@ def _numpy(a, dtype, name: str) -> np.ndarray:
     return np.asarray(a) if dtype is None else np.ascontiguousarray(a, dtype=dtype)
 
 
-def _compile_notice() -> None:
-    """One line on stderr before the first call, which compiles (or loads from Numba's cache) the kernels;
-    nothing after it."""
-    global _compiled
-    if _compiled:
+def _compile_notice(kernel, types: tuple[int, int, int]) -> None:
+    """One line on stderr before the first call of a layer kernel for a combination of weight types, which
+    compiles it (or loads it from Numba's disk cache); nothing after it."""
+    if kernel.signatures or types in _noticed:
         return
-    _compiled = True
-    if not _moe_layer.signatures:
-        print("dslocal: compiling the CPU MoE kernels, or loading them from Numba's disk cache...",
-              file=sys.stderr, flush=True)
+    _noticed.add(types)
+    names = " / ".join(GGMLType(t).name for t in types)
+    print(f"dslocal: compiling the CPU MoE kernels for {names} experts, or loading them from Numba's disk cache...",
+          file=sys.stderr, flush=True)

@@ -13,9 +13,10 @@ One Zen 4 core, T = 1, G weights/s in L2 / streamed from DRAM, the scratch and f
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
-from dslocal.kernels.cpu.blocks import (BF16, F16, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
+from dslocal.kernels.cpu.blocks import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
                                         _block1, _block4, _d_end, _dm_end, _hsum, _q2_k_end, _q2_k_w, _q3_k_end,
                                         _q3_k_w, _q4_0_w, _q4_1_w, _q4_k_end, _q4_k_w, _q5_0_w, _q5_1_w, _q5_k_end,
                                         _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero,
@@ -82,7 +83,6 @@ def quantize_row(x, t, x16, xd, xs, qmax=XMAX):
         xs[t, g] = s
 
 
-@njit(cache=True, nogil=True)
 def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
     """res[i, r - r0] = row r of expert e (of GGML type t) . activation row src[i], i < n_src, r0 <= r < r1.
 
@@ -90,33 +90,39 @@ def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
     x16 int16 (N, D), xd f32 (N, ceil(D/256)), xs int32 (N, D/16), xf f32 (N, D); res f32 (>= n_src, >= r1-r0).
     x8q: (x8 int8 (N, D), its xd, its xs) of the same rows in 8 bits (quantize_row with XMAX8), which
     the BYTE_DOT types then use instead of x16, or arrays of no rows. One compiled kernel per type.
+
+    In compiled code t must be a compile-time constant: a compiled caller takes it as an argument and calls
+    numba.literally(t) first (moe.py, linear.py), and is then compiled once per type it meets. Only the
+    kernels of the types a model has compile: all thirteen took ~96 s of a cold `dslocal run` on two cores.
     """
-    if t == Q4_K:
-        _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
-    elif t == Q5_K:
-        _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
-    elif t == Q6_K:
-        _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
-    elif t == Q2_K:
-        _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
-    elif t == Q3_K:
-        _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
-    elif t == Q8_0:
-        _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res)
-    elif t == Q4_0:
-        _rows_q4_0(w, e, r0, r1, src, n_src, x16, xd, xs, res)
-    elif t == Q4_1:
-        _rows_q4_1(w, e, r0, r1, src, n_src, x16, xd, xs, res)
-    elif t == Q5_0:
-        _rows_q5_0(w, e, r0, r1, src, n_src, x16, xd, xs, res)
-    elif t == Q5_1:
-        _rows_q5_1(w, e, r0, r1, src, n_src, x16, xd, xs, res)
-    elif t == BF16:
-        _rows_bf16(w, e, r0, r1, src, n_src, xf, res)
-    elif t == F16:
-        _rows_f16(w, e, r0, r1, src, n_src, xf, res)
+    _call(_KERNELS[int(t)], w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q)
+
+
+@overload(rows_dot)
+def _rows_dot_typed(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
+    if not isinstance(t, types.IntegerLiteral):
+        return None      # a caller without numba.literally(t): no match, a typing error names rows_dot
+    kernel = _KERNELS[t.literal_value]
+    if kernel in _FLOAT_KERNELS:
+        def impl(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
+            kernel(w, e, r0, r1, src, n_src, xf, res)
+    elif kernel in _BYTE_KERNELS:
+        def impl(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
+            kernel(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
     else:
-        _rows_f32(w, e, r0, r1, src, n_src, xf, res)
+        def impl(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
+            kernel(w, e, r0, r1, src, n_src, x16, xd, xs, res)
+    return impl
+
+
+def _call(kernel, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
+    """rows_dot from Python: the type's kernel with the arguments it takes."""
+    if kernel in _FLOAT_KERNELS:
+        kernel(w, e, r0, r1, src, n_src, xf, res)
+    elif kernel in _BYTE_KERNELS:
+        kernel(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    else:
+        kernel(w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(inline="always")
@@ -391,3 +397,10 @@ def _rows_f32(w, e, r0, r1, src, n_src, xf, res):
             n = min(QB, n_vals - QB * c)
             _unpack_f32(w, e, r, c, n, wb)
             _dot_f(c, n, wf, src, n_src, xf, res, r - r0)
+
+
+_BYTE_KERNELS = (_rows_q4_k, _rows_q5_k, _rows_q6_k, _rows_q2_k, _rows_q3_k)
+_FLOAT_KERNELS = (_rows_bf16, _rows_f16, _rows_f32)
+_KERNELS = {Q4_K: _rows_q4_k, Q5_K: _rows_q5_k, Q6_K: _rows_q6_k, Q2_K: _rows_q2_k, Q3_K: _rows_q3_k,
+            Q8_0: _rows_q8_0, Q4_0: _rows_q4_0, Q4_1: _rows_q4_1, Q5_0: _rows_q5_0, Q5_1: _rows_q5_1,
+            BF16: _rows_bf16, F16: _rows_f16, F32: _rows_f32}
