@@ -107,6 +107,33 @@ def test_mixed_types_as_in_q4_k_m():
     assert nse(cpu.moe_ffn(x, ids, w, ex), ref.moe_ffn(x, ids, w, ex)) < NSE_BOUND[T_.Q4_K]
 
 
+def test_only_the_types_in_use_compile():
+    """A fresh process that runs a Q8_0 layer and a Q4_K linear layer gets those types' row kernels only
+    (rows.py rows_dot picks them at compile time; compiling all thirteen took ~100 s on two cores), and one
+    compiled layer and linear call each, however often it calls them."""
+    import subprocess
+    import sys
+    code = """if True:
+        import numpy as np
+        from dslocal.kernels.cpu import linear, moe, rows
+        from dslocal.kernels.experts import ExpertTensors
+        from dslocal.quant.ggml import GGMLType
+        from dslocal.quant.quantize import quantize
+        rng = np.random.default_rng(0)
+        w = lambda *shape, t=GGMLType.Q8_0: quantize(rng.standard_normal(shape, dtype=np.float32), t)
+        ex = ExpertTensors(w(4, 64, 256), w(4, 64, 256), w(4, 256, 64), *[GGMLType.Q8_0] * 3)
+        x = rng.standard_normal((2, 256), dtype=np.float32)
+        for _ in range(3):
+            moe.moe_ffn(x, np.array([[0, 1], [1, 3]]), np.ones((2, 2), np.float32), ex)
+            linear.linear(x, w(32, 256, t=GGMLType.Q4_K), GGMLType.Q4_K)
+        print(sorted(k.__name__ for k in rows._KERNELS.values() if k.signatures))
+        print(len(moe._moe_layer.signatures), len(linear._linear.signatures))"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["['_rows_q4_k', '_rows_q8_0']", "1 1"]
+    assert run.stderr.count("compiling the CPU MoE kernels for Q8_0 / Q8_0 / Q8_0 experts") == 1
+
+
 def test_torch_in_torch_out_and_out_buffer():
     rng = np.random.default_rng(2)
     ex = experts_of(T_.Q8_0, 64, 96, rng)
