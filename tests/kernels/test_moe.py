@@ -107,10 +107,12 @@ def test_mixed_types_as_in_q4_k_m():
     assert nse(cpu.moe_ffn(x, ids, w, ex), ref.moe_ffn(x, ids, w, ex)) < NSE_BOUND[T_.Q4_K]
 
 
-def test_only_the_types_in_use_compile():
+def test_only_the_types_in_use_compile(tmp_path):
     """A fresh process that runs a Q8_0 layer and a Q4_K linear layer gets those types' row kernels only
     (rows.py rows_dot picks them at compile time; compiling all thirteen took ~100 s on two cores), and one
-    compiled layer and linear call each, however often it calls them."""
+    compiled layer and linear call each, however often it calls them. With an empty Numba cache: a caller
+    loaded from the cache does not load its callees' dispatchers, whose signatures then stay empty."""
+    import os
     import subprocess
     import sys
     code = """if True:
@@ -128,7 +130,8 @@ def test_only_the_types_in_use_compile():
             linear.linear(x, w(32, 256, t=GGMLType.Q4_K), GGMLType.Q4_K)
         print(sorted(k.__name__ for k in rows._KERNELS.values() if k.signatures))
         print(len(moe._moe_layer.signatures), len(linear._linear.signatures))"""
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[:2] == ["['_rows_q4_k', '_rows_q8_0']", "1 1"]
     assert run.stderr.count("compiling the CPU MoE kernels for Q8_0 / Q8_0 / Q8_0 experts") == 1
