@@ -95,14 +95,18 @@ def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
     numba.literally(t) first (moe.py, linear.py), and is then compiled once per type it meets. Only the
     kernels of the types a model has compile: all thirteen took ~96 s of a cold `dslocal run` on two cores.
     """
-    _call(_KERNELS[int(t)], w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q)
+    _impl(_KERNELS[int(t)])(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q)
 
 
 @overload(rows_dot)
 def _rows_dot_typed(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
-    if not isinstance(t, types.IntegerLiteral):
-        return None      # a caller without numba.literally(t): no match, a typing error names rows_dot
-    kernel = _KERNELS[t.literal_value]
+    if isinstance(t, types.IntegerLiteral):   # else no match: a typing error names rows_dot
+        return _impl(_KERNELS[t.literal_value])
+
+
+def _impl(kernel):
+    """rows_dot for one type's kernel, passing the arguments that kernel takes (called from Python as it is,
+    compiled into a caller through the overload)."""
     if kernel in _FLOAT_KERNELS:
         def impl(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
             kernel(w, e, r0, r1, src, n_src, xf, res)
@@ -113,16 +117,6 @@ def _rows_dot_typed(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
         def impl(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
             kernel(w, e, r0, r1, src, n_src, x16, xd, xs, res)
     return impl
-
-
-def _call(kernel, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
-    """rows_dot from Python: the type's kernel with the arguments it takes."""
-    if kernel in _FLOAT_KERNELS:
-        kernel(w, e, r0, r1, src, n_src, xf, res)
-    elif kernel in _BYTE_KERNELS:
-        kernel(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
-    else:
-        kernel(w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(inline="always")
