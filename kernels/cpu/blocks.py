@@ -1,4 +1,4 @@
-"""GGUF blocks dotted with 11-bit integer activations in 256-bit vectors (Numba intrinsics), one function per type.
+"""GGUF blocks dotted with integer activations in 256-bit vectors (Numba intrinsics), one function per type.
 
 Each type is `_<type>_w` (16 values of the block at flat byte p of the raw GGUF bytes w, uint8, any C-contiguous
 shape) and `_<type>_end` (its float scales); `_block1` / `_block4` dot a block with values v.. of one or four
@@ -9,7 +9,8 @@ integer scale where the type has one (every such product fits int16), and summed
 into 8 int32 lanes (pmaddwd; vpdpwssd with VNNI); the block's float scales then multiply the int32 lanes once.
 K-quant mins and offsets (Q6_K's -32, Q3_K's -4) go through the 16-value activation sums (xs), one pmaddwd
 per super-block: sum_l sc_g (q_l - 32) x_l = sum_l sc_g q_l x_l - 32 sum_g sc_g xs_g. Q4_0's -8 and Q5_0's -16
-are added to the lanes; Q4_1's and Q5_1's min multiplies the block's activation sum.
+are added to the lanes; Q4_1's and Q5_1's min multiplies the block's activation sum. The same blocks on 8-bit
+activations (the K-quants' `_u8` / `_m8`, Q4_0 / Q5_0's `_b`) come further down, with their own drivers.
 
 Why vectors by hand: with plain loops LLVM did vectorise the 32-value dot, but left the per-block work scalar
 (scale unpacking, fp16 decoding, one horizontal sum per block): ~150 of the ~240 instructions per Q4_K
@@ -110,9 +111,9 @@ def _as_i16(b, v):
     return b.trunc(v, _i16) if v.type.width > 16 else b.sext(v, _i16) if v.type.width < 16 else v
 
 
-def _load(c, b, sig, arr, i, elt):
-    """Unaligned load of LLVM type elt from flat element i of array arr (the first argument of sig)."""
-    data = c.make_array(sig.args[0])(c, b, arr).data
+def _load(c, b, sig, arr, i, elt, at=0):
+    """Unaligned load of LLVM type elt from flat element i of array arr (argument `at` of sig)."""
+    data = c.make_array(sig.args[at])(c, b, arr).data
     value = b.load(b.bitcast(b.gep(data, [i]), elt.as_pointer()))
     value.align = 1
     return value
@@ -277,6 +278,44 @@ _bits = _op("_bits", I16, _bits_ir)
 _mins16 = _op("_mins16", I16, lambda c, b, sig, v: _pick(b, v, [8 + g // 2 for g in range(16)]))
 
 _maddubs = _op("_maddubs", I16, lambda c, b, sig, u, s: _maddubs_ir(b, u, s))
+
+
+def _dpbusd_ir(c, b, sig, acc, u, x, i):
+    """acc (8 int32 lanes) + the products of the 32 unsigned bytes of u with the 32 int8 at flat element i
+    of x, summed in fours: vpdpbusd with AVX-VNNI or AVX512-VNNI (one instruction), else pmaddubsw and pmaddwd
+    by ones (u at most 31 here: a pair of products fits int16)."""
+    s = _load(c, b, sig, x, i, _V16, at=2)
+    if _has("avxvnni") or (_has("avx512vnni") and _has("avx512vl")):
+        return _call(b, "llvm.x86.avx512.vpdpbusd.256", _V8I, [acc, b.bitcast(u, _V8I), b.bitcast(s, _V8I)])
+    return b.add(acc, _madd_ir(b, _maddubs_ir(b, u, s), _vec(_V16, 1)))
+
+
+def _nib32_ir(c, b, sig, a, i):
+    """The 16 bytes at flat element i of a as 32 nibbles, one per byte: the low nibbles, then the high ones
+    (the value order of Q4_0 / Q5_0 blocks)."""
+    v = _load(c, b, sig, a, i, ir.VectorType(_i8, 16))
+    both = b.bitcast(_pick(b, v, list(range(16)) * 2), _V16)
+    return b.and_(b.lshr(both, _vec(_V16, [0] * 8 + [4] * 8)), _vec(_V16, 0x0F0F))
+
+
+def _hi32_ir(c, b, sig, a, i):
+    """Byte l = 16 where bit l of the little-endian u32 at flat element i of a is set, else 0 (Q5_0's fifth
+    bits in place)."""
+    bits = b.bitcast(_load(c, b, sig, a, i, _i32), ir.VectorType(ir.IntType(1), 32))
+    v32 = ir.VectorType(_i8, 32)
+    return b.bitcast(b.select(bits, _vec(v32, 16), _vec(v32, 0)), _V16)
+
+
+def _offset_ir(c, b, sig, a, i, shift):
+    """The 8 int32 at flat element i of a, shifted right (arithmetic) by shift."""
+    v = _load(c, b, sig, a, i, _V8I)
+    return b.ashr(v, _splat(b, b.trunc(shift, _i32), _V8I))
+
+
+_dpbusd = _op("_dpbusd", I32, _dpbusd_ir, (2,))
+_nib32 = _op("_nib32", I16, _nib32_ir, (0,))
+_hi32 = _op("_hi32", I16, _hi32_ir, (0,))
+_offset = _op("_offset", I32, _offset_ir, (0,))
 
 # int32 and float32 lanes
 _madd = _op("_madd", I32, lambda c, b, sig, x, y: _madd_ir(b, x, y))
@@ -483,6 +522,42 @@ def _q5_0_w(w, p, c):
 def _q5_1_w(w, p, c):
     # block_q5_1, 24 bytes: d @0, m @2, qh u32 @4, qs[16] @8 as in Q5_0; w = d * q + m
     return _or(_nibble(_u8x16(w, p + 8), c), _bits(_u32(w, p + 4), 16 * c, 16, 0))
+
+
+# --- Q4_0 / Q5_0 on 8-bit activations in blocks of 32 (llama.cpp's Q8_0 input for these types) --------------
+# x8 int8 (N, D), one float scale per 32 values (xd (N, D // 32)), and xo int32 (N, D // 4): per block the 8
+# lanes (-16 * the block's sum of x8, 0, .., 0) (rows.py quantize_row32). A block's 32 quants go in as unsigned
+# bytes (`_<type>_b`), one vpdpbusd dots them with x8, and its int32 sum starts from the offset lanes:
+# sum_l (q_l - 16) x_l = sum_l q_l x_l - 16 sum_l x_l for Q5_0; Q4_0's -8 is those lanes shifted right by one.
+
+@njit(inline="always")
+def _q4_0_b(w, p):
+    return _nib32(w, p + 2)
+
+
+@njit(inline="always")
+def _q5_0_b(w, p):
+    return _or(_nib32(w, p + 6), _hi32(w, p + 2))
+
+
+@njit(inline="always")
+def _block1_32(b8, end, shift, acc, w, p, x8, xo, s, v, xd):
+    """acc + the Q4_0 / Q5_0 block at byte p (its bytes from b8; shift 1 for Q4_0, 0 for Q5_0) . values
+    v.. of activation row s in 8 bits (xd: that block's scale)."""
+    a = _dpbusd(_offset(xo, s * xo.shape[1] + (v >> 2), shift), b8(w, p), x8, s * x8.shape[1] + v)
+    return end(acc, a, w, p, xo, s, v, xd)
+
+
+@njit(inline="always")
+def _block4_32(b8, end, shift, acc0, acc1, acc2, acc3, w, p, x8, xo, s0, s1, s2, s3, v, xd0, xd1, xd2, xd3):
+    """_block1_32 for rows s0..s3, the block's bytes made once."""
+    q, D, W, o = b8(w, p), x8.shape[1], xo.shape[1], v >> 2
+    a0 = _dpbusd(_offset(xo, s0 * W + o, shift), q, x8, s0 * D + v)
+    a1 = _dpbusd(_offset(xo, s1 * W + o, shift), q, x8, s1 * D + v)
+    a2 = _dpbusd(_offset(xo, s2 * W + o, shift), q, x8, s2 * D + v)
+    a3 = _dpbusd(_offset(xo, s3 * W + o, shift), q, x8, s3 * D + v)
+    return (end(acc0, a0, w, p, xo, s0, v, xd0), end(acc1, a1, w, p, xo, s1, v, xd1),
+            end(acc2, a2, w, p, xo, s2, v, xd2), end(acc3, a3, w, p, xo, s3, v, xd3))
 
 
 # --- drivers: one block with one token, or with a tile of four sharing each unpacked chunk --------------------

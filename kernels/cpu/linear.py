@@ -4,9 +4,9 @@
 
 The decode-time linear layers of a model run on the CPU (attention projections, shared experts, dense
 FFNs, the head: offload/hybrid.py BlockLinear) read the file's blocks through the row kernels of the
-routed experts (kernels/cpu/rows.py), with the same activation rounding (x in 8 bits for the K-quants,
-11 bits for the 32-value types, float32 for float weights): a Q4_K weight is 7x fewer bytes to stream per
-token than its float32 copy. Rows are cut into chunks that the threads claim, as in kernels/cpu/moe.py.
+routed experts (kernels/cpu/rows.py), with the same activation rounding (x in 8 bits for the K-quants and
+Q4_0 / Q5_0, 11 bits for the other 32-value types, float32 for float weights): a Q4_K weight is 7x fewer
+bytes to stream per token than its float32 copy. Rows are cut into chunks that the threads claim, as in kernels/cpu/moe.py.
 One parallel step per call; x is quantized in the calling thread.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from dslocal.kernels.cpu.moe import FIRST_SHARE, SMALL_CHUNKS, _chunk, _claim, _quantize_x
-from dslocal.kernels.cpu.rows import BYTE_DOT, activation_shapes, rows_dot
+from dslocal.kernels.cpu.rows import BYTE_DOT, BYTE_DOT32, activation_shapes, activation_shapes32, rows_dot
 from dslocal.quant.ggml import GGMLType, nbytes
 
 MAX_ROWS = 4      # activation rows per call: a decode step's (longer inputs go through a float copy)
@@ -66,9 +66,11 @@ def linear(x: np.ndarray, blocks: np.ndarray, t: GGMLType, out: np.ndarray | Non
     if out is None:
         out = np.empty((T, R), np.float32)
     _, sd, ss = activation_shapes(T, D)
-    # x in 8 bits for the K-quants, in 11 for the other quantized types, as it is for float weights
-    n8, n16 = (T, 0) if t in BYTE_DOT else (0, 0) if t in FLOATS else (0, T)
-    x8q = (np.empty((n8, D), np.int8), np.empty((n8, sd[1]), np.float32), np.empty((n8, ss[1]), np.int32))
+    # x in 8 bits for the K-quants (a scale per 256) and Q4_0 / Q5_0 (per 32), in 11 for the other quantized
+    # types, as it is for float weights
+    n8, n16 = (T, 0) if t in BYTE_DOT + BYTE_DOT32 else (0, 0) if t in FLOATS else (0, T)
+    _, sd8, ss8 = activation_shapes32(n8, D) if t in BYTE_DOT32 else activation_shapes(n8, D)
+    x8q = (np.empty((n8, D), np.int8), np.empty(sd8, np.float32), np.empty(ss8, np.int32))
     _for_type(int(t))(x, np.ascontiguousarray(blocks).reshape(1, R, -1), numba.get_num_threads(), FIRST_SHARE,
                       SMALL_CHUNKS, x8q, np.empty((n16, D), np.int16), np.empty((n16, sd[1]), np.float32),
                       np.empty((n16, ss[1]), np.int32), out)

@@ -39,7 +39,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from dslocal.kernels.cpu import gemm
-from dslocal.kernels.cpu.rows import BYTE_DOT, XMAX8, activation_shapes, quantize_row, rows_dot
+from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, XMAX8, activation_shapes, activation_shapes32, quantize_row,
+                                      quantize_row32, rows_dot)
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import GGMLType
 
@@ -189,12 +190,16 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
 
 @njit(inline="always")
 def _quantize_x(x, t, x16, xd, xs, x8q):
-    """Row t of x in 11 bits and / or in 8 bits, as the layer's projections need (buffers of no rows: not)."""
+    """Row t of x in 11 bits and / or in 8 bits, as the layer's projections need (buffers of no rows: not);
+    8 bits in blocks of 32 where x8q's scales have that shape (rows.py activation_shapes32)."""
     x8, xd8, xs8 = x8q
     if x16.shape[0]:
         quantize_row(x, t, x16, xd, xs)
     if x8.shape[0]:
-        quantize_row(x, t, x8, xd8, xs8, XMAX8)
+        if xd8.shape[1] * 32 == x8.shape[1]:
+            quantize_row32(x, t, x8, xd8, xs8)
+        else:
+            quantize_row(x, t, x8, xd8, xs8, XMAX8)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -334,17 +339,20 @@ class LayerCall:
         self._inputs = (xn, ids, wts, experts.gate, experts.up, experts.down)
         self._types = int(experts.gate_type), int(experts.up_type), int(experts.down_type)
         self._layer, self._synced = _for_types(*self._types)
-        # x in 8 bits where a gate / up projection is a K-quant (its loops multiply bytes), in 11 bits where
-        # one is not: a buffer of no rows is not filled
-        on_bytes = [GATE_UP_8BIT and t in BYTE_DOT for t in (experts.gate_type, experts.up_type)]
-        n8, n16 = T if any(on_bytes) else 0, 0 if all(on_bytes) else T
+        # x in 8 bits where a gate / up projection is a K-quant (its loops multiply bytes; or in blocks of 32
+        # where both are Q4_0 / Q5_0), in 11 bits where one takes neither: a buffer of no rows is not filled
+        forms = [_input_form(t, GATE_UP_8BIT) for t in (experts.gate_type, experts.up_type)]
+        form8 = "k8" if "k8" in forms else "b32" if "b32" in forms else None
+        n8, n16 = T if form8 else 0, 0 if form8 and all(f == form8 for f in forms) else T
         # h, the down projection's input, likewise: silu(g) * u is heavy-tailed, and 11 bits cut its
-        # rounding error ~65-fold against 8 (rows.py), but the K-quants' own rounding of the weights is
-        # ~20-300x larger still (NSE 0.02-0.3 against a layer's 2-5e-4), and bytes take fewer instructions
-        h_bytes = DOWN_8BIT and experts.down_type in BYTE_DOT
-        p8, p16 = (P, 0) if h_bytes else (0, P)
-        self._scratch = (_activations(n8, D, np.int8), *_activations(n16, D, np.int16), np.empty((P, F), np.float32),
-                         _activations(p8, F, np.int8), *_activations(p16, F, np.int16), out_n)
+        # rounding error ~65-fold against 8 in blocks of 256 (rows.py), but the K-quants' own rounding of the
+        # weights is ~20-300x larger still (NSE 0.02-0.3 against a layer's 2-5e-4), and bytes take fewer
+        # instructions; Q4_0 / Q5_0 take it in 8 bits in blocks of 32 (NSE 1.1-1.5e-4 for a layer, rows.py)
+        h_form = _input_form(experts.down_type, DOWN_8BIT)
+        p8, p16 = (P, 0) if h_form else (0, P)
+        self._scratch = (_activations(n8, D, np.int8, form8), *_activations(n16, D, np.int16),
+                         np.empty((P, F), np.float32), _activations(p8, F, np.int8, h_form),
+                         *_activations(p16, F, np.int16), out_n)
 
     def __call__(self) -> np.ndarray:
         """Run the layer on numba.get_num_threads() threads; returns out (numpy, shared with the buffer).
@@ -383,10 +391,20 @@ class LayerCall:
                 raise TimeoutError(f"the inputs of a CPU expert layer did not arrive within {timeout:g} s")
 
 
-def _activations(n: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _input_form(t: int, on: bool):
+    """How a projection of GGML type t takes its input: "k8" (8 bits, a scale per 256: the K-quants), "b32"
+    (8 bits, a scale per 32: Q4_0 / Q5_0), None (11 bits in int16, or float for float weights); on: whether
+    8-bit inputs are enabled for this projection (GATE_UP_8BIT / DOWN_8BIT)."""
+    if on and t in BYTE_DOT:
+        return "k8"
+    return "b32" if on and t in BYTE_DOT32 else None
+
+
+def _activations(n: int, d: int, dtype, form=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Buffers for n activation rows of d values quantized in dtype (int8: 8 bits, int16: 11): the values,
-    their block scales, their group sums (rows.py quantize_row). n = 0: not used by the call."""
-    shapes = activation_shapes(n, d)
+    their block scales, their group sums (rows.py quantize_row), or in blocks of 32 for form "b32" (the
+    values, their scales, the offset lanes: rows.py quantize_row32). n = 0: not used by the call."""
+    shapes = activation_shapes32(n, d) if form == "b32" else activation_shapes(n, d)
     return np.empty(shapes[0], dtype), np.empty(shapes[1], np.float32), np.empty(shapes[2], np.int32)
 
 

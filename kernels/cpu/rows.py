@@ -1,9 +1,10 @@
 """Dot products of a range of weight rows with a few activation rows, straight from GGUF blocks (Numba).
 
-Quantized types: activations are quantized once per call to 11-bit integers held in int16, in blocks of 256
-(one float scale per block, like llama.cpp's Q8_K, which has 8 bits), with int32 sums over groups of 16 for
-the mins and offsets. Each weight block is dotted with them in 256-bit integer vectors (kernels/cpu/blocks.py),
-the block's float scales applied to 8 int32 lanes, and one horizontal sum per row and token.
+Quantized types: activations are quantized once per call to integers: 11 bits held in int16 in blocks of 256
+(one float scale per block), with int32 sums over groups of 16 for the mins and offsets; for the K-quants 8
+bits in the same blocks (llama.cpp's Q8_K), for Q4_0 / Q5_0 8 bits in blocks of 32 (llama.cpp's Q8_0). Each
+weight block is dotted with them in 256-bit integer vectors (kernels/cpu/blocks.py), the block's float scales
+applied to 8 int32 lanes, and one horizontal sum per row and token.
 F32 / F16 / BF16: a chunk of 256 values is converted to float32 and dotted in float32 with the unquantized
 activations, four tokens per pass.
 
@@ -21,7 +22,8 @@ from dslocal.kernels.cpu.blocks import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, 
                                         _q3_k_w, _q4_0_w, _q4_1_w, _q4_k_end, _q4_k_w, _q5_0_w, _q5_1_w, _q5_k_end,
                                         _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero,
                                         _block1_8, _block4_8, _q2_k_m8, _q2_k_u8, _q3_k_m8, _q3_k_u8, _q4_k_m8,
-                                        _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8)
+                                        _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8, _block1_32, _block4_32,
+                                        _q4_0_b, _q5_0_b)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -37,6 +39,11 @@ XMAX = 1023
 # every K-quant projection (GATE_UP_8BIT, DOWN_8BIT): the 8-bit rounding of h is ~100x below the weights' own.
 XMAX8 = 127
 BYTE_DOT = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)   # the types that can take x in 8 bits
+# Q4_0 / Q5_0 take x in 8 bits with a scale per 32 values (quantize_row32, llama.cpp's Q8_0), where a block's
+# quants as unsigned bytes and x meet in one vpdpbusd: 12 instructions per Q5_0 block at one token, loads
+# included, against the int16 path's 18 (NOTES.md). A layer's NSE against the float reference is then
+# 1.1-1.5e-4 (11 bits: ~1e-5; the K-quants' 8 bits in blocks of 256: 2.4-5.4e-4), against Q5_0's own ~2e-3.
+BYTE_DOT32 = (Q4_0, Q5_0)
 ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows stay in L2, the tile's activations
                    # (16 KB at 2048 values) in L1; rows outer, tokens inner read every token from L2 for every row
 # One-token rows shorter than PREFETCH_MAX_ROW_BYTES ask for the row PREFETCH_ROWS ahead while they compute.
@@ -51,6 +58,11 @@ PREFETCH_MAX_ROW_BYTES = 2048
 def activation_shapes(n: int, d: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Shapes of x16, xd, xs for n activation rows of d values."""
     return (n, d), (n, -(-d // QB)), (n, d // GROUP)
+
+
+def activation_shapes32(n: int, d: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Shapes of x8, xd, xo for n activation rows of d values in blocks of 32 (quantize_row32)."""
+    return (n, d), (n, d // 32), (n, d // 4)
 
 
 @njit(cache=True, nogil=True)
@@ -83,13 +95,45 @@ def quantize_row(x, t, x16, xd, xs, qmax=XMAX):
         xs[t, g] = s
 
 
+@njit(cache=True, nogil=True)
+def quantize_row32(x, t, x8, xd, xo):
+    """Row t of x (N, D) f32 -> x8[t] (D,) int8 in blocks of 32 values, each with its own scale xd[t, b]
+    (llama.cpp's Q8_0 activations), and xo[t, 8b:8b + 8] = (-16 * block b's sum of x8, 0, .., 0), the int32
+    lanes a Q4_0 / Q5_0 block's dot starts from (blocks.py `_block1_32`). D: a multiple of 32. Round to
+    nearest; a non-finite block gets a NaN scale."""
+    for c in range(xd.shape[1]):
+        o = 32 * c
+        amax, bad = f32(0), f32(0)
+        for l in range(32):
+            amax = max(amax, abs(x[t, o + l]))
+            bad += x[t, o + l] * f32(0)
+        for l in range(8):
+            xo[t, 8 * c + l] = 0
+        if bad != 0 or not amax < np.inf:
+            xd[t, c] = np.nan
+            for l in range(32):
+                x8[t, o + l] = 0
+            continue
+        d = amax / f32(XMAX8)
+        inv = f32(1) / d if amax > 0 else f32(0)
+        xd[t, c] = d
+        total = i32(0)
+        for l in range(32):
+            q = i32(np.rint(x[t, o + l] * inv))
+            x8[t, o + l] = q
+            total += q
+        xo[t, 8 * c] = -16 * total
+
+
 def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):
     """res[i, r - r0] = row r of expert e (of GGML type t) . activation row src[i], i < n_src, r0 <= r < r1.
 
     w: uint8 (E, R, row_bytes) raw GGUF blocks; src: int64 (>= n_src,) rows of x16 / xd / xs / xf;
     x16 int16 (N, D), xd f32 (N, ceil(D/256)), xs int32 (N, D/16), xf f32 (N, D); res f32 (>= n_src, >= r1-r0).
     x8q: (x8 int8 (N, D), its xd, its xs) of the same rows in 8 bits (quantize_row with XMAX8), which
-    the BYTE_DOT types then use instead of x16, or arrays of no rows. One compiled kernel per type.
+    the BYTE_DOT types then use instead of x16, or arrays of no rows; the BYTE_DOT32 types use it when it
+    is in blocks of 32 (quantize_row32: xd (N, D // 32), xo in place of xs), else x16. One compiled kernel
+    per type.
 
     In compiled code t must be a compile-time constant: a compiled caller takes it as an argument and calls
     numba.literally(t) first (moe.py, linear.py), and is then compiled once per type it meets. Only the
@@ -122,28 +166,28 @@ def _impl(kernel):
 @njit(inline="always")
 def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, res):
     """res[i, r - r0] = row r . activation row src[i] on int16 activations (blocks.py `_block1` / `_block4`)."""
-    _rows_streamed(_block1, _block4, chunk, end, n_values // 16, n_bytes, n_values, w, e, r0, r1, src, n_src, x16,
-                   xd, xs, res)
+    _rows_streamed(_block1, _block4, chunk, end, n_values // 16, n_bytes, n_values, QB, w, e, r0, r1, src, n_src,
+                   x16, xd, xs, res)
 
 
 @njit(inline="always")
 def _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, res):
     """The same for a K-quant on activations in 8 bits (blocks.py `_block1_8` / `_block4_8`)."""
-    _rows_streamed(_block1_8, _block4_8, u8, end, m8, n_bytes, 256, w, e, r0, r1, src, n_src, x8, xd, xs, res)
+    _rows_streamed(_block1_8, _block4_8, u8, end, m8, n_bytes, 256, QB, w, e, r0, r1, src, n_src, x8, xd, xs, res)
 
 
 @njit(inline="always")
-def _rows_streamed(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_src, x, xd, xs, res):
+def _rows_streamed(block1, block4, f, end, g, n_bytes, n_values, per, w, e, r0, r1, src, n_src, x, xd, xs, res):
     """_rows_by, except that a single token (a decode step) on rows of PREFETCH_MAX_ROW_BYTES or more reads
     them in streams (_rows_one)."""
     if n_src == 1 and w.shape[2] >= PREFETCH_MAX_ROW_BYTES:
-        _rows_one(block1, f, end, g, n_bytes, n_values, w, e, r0, r1, src[0], x, xd, xs, res)
+        _rows_one(block1, f, end, g, n_bytes, n_values, per, w, e, r0, r1, src[0], x, xd, xs, res)
     else:
-        _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_src, x, xd, xs, res)
+        _rows_by(block1, block4, f, end, g, n_bytes, n_values, per, w, e, r0, r1, src, n_src, x, xd, xs, res)
 
 
 @njit(inline="always")
-def _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_src, x, xd, xs, res):
+def _rows_by(block1, block4, f, end, g, n_bytes, n_values, per, w, e, r0, r1, src, n_src, x, xd, xs, res):
     """res[i, r - r0] = row r . activation row src[i], one block at a time: block4(f, end, g, ...) for four
     tokens, block1(f, end, g, ...) for one (the drivers of kernels/cpu/blocks.py with a type's functions).
     Tokens loop inside rows: the row stays in L1 while the activations (4 KB per token per 2048 values) come
@@ -152,7 +196,7 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_
     _rows / _rows8 go through _rows_streamed, which reads a single token's long rows in streams instead; a
     K-quant's int16 path (moe.py uses it only with GATE_UP_8BIT / DOWN_8BIT off) comes here directly."""
     R, row_bytes = w.shape[1], w.shape[2]
-    n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
+    n_blocks, per_scale = row_bytes // n_bytes, u64(per // n_values)
     for b0 in range(r0, r1, ROW_BLOCK):
         b1 = min(b0 + ROW_BLOCK, r1)
         i = 0
@@ -190,7 +234,7 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, w, e, r0, r1, src, n_
 
 
 @njit(inline="always")
-def _rows_one(block1, f, end, g, n_bytes, n_values, w, e, r0, r1, s, x, xd, xs, res):
+def _rows_one(block1, f, end, g, n_bytes, n_values, per, w, e, r0, r1, s, x, xd, xs, res):
     """res[0, r - r0] = row r . activation row s for one token (a decode step) on rows of PREFETCH_MAX_ROW_BYTES
     or more, four rows per pass from four places a quarter of the range apart: four streams of row bytes keep
     more reads from DRAM in flight than one (V3's gate and up, Q8_0 rows of 2048 values). The last n % 4 rows
@@ -198,7 +242,7 @@ def _rows_one(block1, f, end, g, n_bytes, n_values, w, e, r0, r1, s, x, xd, xs, 
     the first-use compile short. Every row is one chain of blocks in order in its own accumulator, so its bits
     do not depend on how the rows are cut."""
     R, row_bytes = w.shape[1], w.shape[2]
-    n_blocks, per_scale = row_bytes // n_bytes, u64(QB // n_values)
+    n_blocks, per_scale = row_bytes // n_bytes, u64(per // n_values)
     n = r1 - r0
     q = n // 4
     for i in range(q + (1 if n % 4 else 0)):
@@ -228,7 +272,7 @@ def _rows_k(chunk, end, u8, m8, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, 
     if x8.shape[0]:
         _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd8, xs8, res)
     else:
-        _rows_by(_block1, _block4, chunk, end, 16, n_bytes, 256, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+        _rows_by(_block1, _block4, chunk, end, 16, n_bytes, 256, QB, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
@@ -261,9 +305,20 @@ def _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
     _rows(_q8_0_w, _d_end, 34, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
+@njit(inline="always")
+def _rows_32(chunk, b8, shift, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    """Q4_0 / Q5_0 rows on x in 8 bits when x8q holds it in blocks of 32 (quantize_row32), else on x16."""
+    x8, xd8, xo8 = x8q
+    if x8.shape[0] and xd8.shape[1] * 32 == x8.shape[1]:
+        _rows_streamed(_block1_32, _block4_32, b8, _d_end, shift, n_bytes, 32, 32, w, e, r0, r1, src, n_src, x8, xd8,
+                       xo8, res)
+    else:
+        _rows(chunk, _d_end, n_bytes, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+
+
 @njit(cache=True, nogil=True)
-def _rows_q4_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q4_0_w, _d_end, 18, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+def _rows_q4_0(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    _rows_32(_q4_0_w, _q4_0_b, 1, 18, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
@@ -272,8 +327,8 @@ def _rows_q4_1(w, e, r0, r1, src, n_src, x16, xd, xs, res):
 
 
 @njit(cache=True, nogil=True)
-def _rows_q5_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q5_0_w, _d_end, 22, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+def _rows_q5_0(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    _rows_32(_q5_0_w, _q5_0_b, 0, 22, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
@@ -393,7 +448,7 @@ def _rows_f32(w, e, r0, r1, src, n_src, xf, res):
             _dot_f(c, n, wf, src, n_src, xf, res, r - r0)
 
 
-_BYTE_KERNELS = (_rows_q4_k, _rows_q5_k, _rows_q6_k, _rows_q2_k, _rows_q3_k)
+_BYTE_KERNELS = (_rows_q4_k, _rows_q5_k, _rows_q6_k, _rows_q2_k, _rows_q3_k, _rows_q4_0, _rows_q5_0)
 _FLOAT_KERNELS = (_rows_bf16, _rows_f16, _rows_f32)
 _KERNELS = {Q4_K: _rows_q4_k, Q5_K: _rows_q5_k, Q6_K: _rows_q6_k, Q2_K: _rows_q2_k, Q3_K: _rows_q3_k,
             Q8_0: _rows_q8_0, Q4_0: _rows_q4_0, Q4_1: _rows_q4_1, Q5_0: _rows_q5_0, Q5_1: _rows_q5_1,

@@ -17,6 +17,9 @@ so only the activation side differs):
   expert varies most). Bound 1e-3: two quantized products in series, each within STYLE.md's 5e-4; a wrong
   sub-block scale still fails (Q4_K with two scales swapped: NSE 0.5). The weights' own rounding is
   20-300x larger (README: NSE 0.021 for Q6_K to 0.33 for Q2_K).
+- Q4_0 / Q5_0: x and h go in 8 bits with a scale per 32 values (rows.py quantize_row32, llama.cpp's Q8_0
+  input for these types): 1.1e-4..1.5e-4 measured; the K-quants' bound 1e-3 on the same argument. The
+  weights' own rounding is NSE ~1.8e-3 (Q5_0) to ~7e-3 (Q4_0).
 - F32 / F16 / BF16 are dotted in float32 with unquantized activations: only the order of the float32 sums
   differs, ~1e-13 measured; bound 1e-10.
 - Experts with many tokens on the matrix path (kernels/cpu/gemm.py, tested here whatever the CPU): quantized
@@ -39,8 +42,9 @@ T_ = GGMLType
 K_QUANTS = [T_.Q4_K, T_.Q5_K, T_.Q6_K, T_.Q2_K, T_.Q3_K]
 BLOCK32 = [T_.Q8_0, T_.Q4_0, T_.Q4_1, T_.Q5_0, T_.Q5_1]
 FLOAT_DOTTED = [T_.BF16, T_.F16, T_.F32]
-NSE_BOUND = {**{t: 1e-3 if cpu.GATE_UP_8BIT or cpu.DOWN_8BIT else 5e-5 for t in K_QUANTS}, **{t: 5e-5 for t in BLOCK32},
-             **{t: 1e-10 for t in FLOAT_DOTTED}}
+BYTES32 = [T_.Q4_0, T_.Q5_0]
+NSE_BOUND = {**{t: 1e-3 if cpu.GATE_UP_8BIT or cpu.DOWN_8BIT else 5e-5 for t in K_QUANTS + BYTES32},
+             **{t: 5e-5 for t in BLOCK32 if t not in BYTES32}, **{t: 1e-10 for t in FLOAT_DOTTED}}
 FAST = [cpu.moe_ffn]
 MATRIX_BOUND = 1e-4
 E = 12
@@ -135,6 +139,20 @@ def test_only_the_types_in_use_compile(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[:2] == ["['_rows_q4_k', '_rows_q8_0']", "1 1"]
     assert run.stderr.count("compiling the CPU MoE kernels for Q8_0 / Q8_0 / Q8_0 experts") == 1
+
+
+def test_q4_0_and_q5_0_take_8_bit_input_in_blocks_of_32():
+    """x and h of a Q4_0 / Q5_0 layer are quantized in blocks of 32 (one scale each), not in int16."""
+    rng = np.random.default_rng(5)
+    for t in BYTES32:
+        ex = experts_of(t, 288, 160, rng)
+        x = rng.standard_normal((3, 288), dtype=np.float32)
+        ids, w = routing(3, 4, rng)
+        call = cpu.LayerCall(x, ids, w, ex)
+        (x8, xd8, xo8), x16, _, _, _, (h8, hd8, ho8), h16 = call._scratch[:7]
+        assert x8.shape == (3, 288) and xd8.shape == (3, 9) and xo8.shape == (3, 72) and x16.shape[0] == 0
+        assert h8.shape == (12, 160) and hd8.shape == (12, 5) and ho8.shape == (12, 40) and h16.shape[0] == 0
+        assert nse(call(), ref.moe_ffn(x, ids, w, ex)) < NSE_BOUND[t]
 
 
 def test_torch_in_torch_out_and_out_buffer():

@@ -27,23 +27,30 @@ def activations(x: np.ndarray, t: GGMLType):
     rows.quantize_row(x, 0, x16, xd, xs)
     x8, xd8, xs8 = np.empty(s16, np.int8), np.empty(sd, np.float32), np.empty(ss, np.int32)
     rows.quantize_row(x, 0, x8, xd8, xs8, rows.XMAX8)
+    per = rows.QB
     if int(t) in rows.BYTE_DOT:
         values, scales, x8q = x8, xd8, (x8, xd8, xs8)
+    elif int(t) in rows.BYTE_DOT32:     # 8 bits, a scale per 32 values
+        s8, sd32, so = rows.activation_shapes32(1, x.shape[1])
+        x8, xd32, xo = np.empty(s8, np.int8), np.empty(sd32, np.float32), np.empty(so, np.int32)
+        rows.quantize_row32(x, 0, x8, xd32, xo)
+        values, scales, x8q, per = x8, xd32, (x8, xd32, xo), 32
     else:
         values, scales, x8q = x16, xd, (x8[:0], xd8[:0], xs8[:0])
-    exact = values[0].astype(np.float64) * np.repeat(scales[0].astype(np.float64), rows.QB)[:x.shape[1]]
+    exact = values[0].astype(np.float64) * np.repeat(scales[0].astype(np.float64), per)[:x.shape[1]]
     return (x16, xd, xs), x8q, exact
 
 
-# long rows (four streams): Q4_K 4096 values = 2304 bytes, Q8_0 2048 = 2176, Q2_K 7168 = 2352;
-# short rows (one at a time): Q6_K 1024 = 840, Q5_0 1408 = 968 (V2-Lite's down rows)
+# long rows (four streams): Q4_K 4096 values = 2304 bytes, Q8_0 2048 = 2176, Q2_K 7168 = 2352, Q4_0 4096 =
+# 2304; short rows (one at a time): Q6_K 1024 = 840, Q5_0 1408 = 968 (V2-Lite's down rows), Q4_0 1408 = 792
 @pytest.mark.parametrize("t, D", [(T_.Q4_K, 4096), (T_.Q8_0, 2048), (T_.Q2_K, 7168), (T_.Q6_K, 1024),
-                                  (T_.Q5_0, 1408)], ids=lambda v: getattr(v, "name", str(v)))
+                                  (T_.Q5_0, 1408), (T_.Q4_0, 4096), (T_.Q4_0, 1408)],
+                         ids=lambda v: getattr(v, "name", str(v)))
 def test_one_token_rows_in_streams(t, D):
     rng = np.random.default_rng(int(t))
     w = quantize(rng.standard_normal((2, R, D), dtype=np.float32) / np.float32(D ** 0.5), t)
     long = w.shape[2] >= rows.PREFETCH_MAX_ROW_BYTES
-    assert long == (t in (T_.Q4_K, T_.Q8_0, T_.Q2_K))
+    assert long == (t in (T_.Q4_K, T_.Q8_0, T_.Q2_K) or D == 4096)
     x = rng.standard_normal((1, D), dtype=np.float32)
     (x16, xd, xs), x8q, exact = activations(x, t)
     want = dequantize(w[1], t).astype(np.float64) @ exact                        # expert 1, (R,)
