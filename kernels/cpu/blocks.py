@@ -524,11 +524,12 @@ def _q5_1_w(w, p, c):
     return _or(_nibble(_u8x16(w, p + 8), c), _bits(_u32(w, p + 4), 16 * c, 16, 0))
 
 
-# --- Q4_0 / Q5_0 on 8-bit activations in blocks of 32 (llama.cpp's Q8_0 input for these types) --------------
+# --- the 32-value types on 8-bit activations in blocks of 32 (llama.cpp's Q8_0 input for these types) --------
 # x8 int8 (N, D), one float scale per 32 values (xd (N, D // 32)), and xo int32 (N, D // 4): per block the 8
 # lanes (-16 * the block's sum of x8, 0, .., 0) (rows.py quantize_row32). A block's 32 quants go in as unsigned
-# bytes (`_<type>_b`), one vpdpbusd dots them with x8, and its int32 sum starts from the offset lanes:
-# sum_l (q_l - 16) x_l = sum_l q_l x_l - 16 sum_l x_l for Q5_0; Q4_0's -8 is those lanes shifted right by one.
+# bytes (`_<type>_b`), and one vpdpbusd dots them with x8. Q4_0 / Q5_0: the int32 sum starts from the offset
+# lanes, sum_l (q_l - 16) x_l = sum_l q_l x_l - 16 sum_l x_l for Q5_0, Q4_0's -8 those lanes shifted right by
+# one. Q4_1 / Q5_1 (shift -1: the sum starts at zero): the min times the same lanes, in float (`_dm32_end`).
 
 @njit(inline="always")
 def _q4_0_b(w, p):
@@ -541,10 +542,34 @@ def _q5_0_b(w, p):
 
 
 @njit(inline="always")
+def _q4_1_b(w, p):
+    return _nib32(w, p + 4)
+
+
+@njit(inline="always")
+def _q5_1_b(w, p):
+    return _or(_nib32(w, p + 8), _hi32(w, p + 4))
+
+
+@njit(inline="always")
+def _start32(xo, i, shift):
+    """The int32 lanes a block's dot starts from: the offset lanes at flat i of xo >> shift, or zeros (-1)."""
+    return _offset(xo, i, shift) if shift >= 0 else _zero_i32()
+
+
+@njit(inline="always")
+def _dm32_end(acc, a, w, p, xo, s, v, xd):
+    """Q4_1 / Q5_1 on 8-bit input: d @0 times the int32 lanes, and the min m @2 times the block's sum of x8,
+    which the offset lanes hold times -16 (exact: a power of two)."""
+    acc = _fma(acc, a, _f16(w, p, xd))
+    return _fma(acc, _offset(xo, s * xo.shape[1] + (v >> 2), 0), _f16(w, p + 2, xd * f32(-1 / 16)))
+
+
+@njit(inline="always")
 def _block1_32(b8, end, shift, acc, w, p, x8, xo, s, v, xd):
-    """acc + the Q4_0 / Q5_0 block at byte p (its bytes from b8; shift 1 for Q4_0, 0 for Q5_0) . values
-    v.. of activation row s in 8 bits (xd: that block's scale)."""
-    a = _dpbusd(_offset(xo, s * xo.shape[1] + (v >> 2), shift), b8(w, p), x8, s * x8.shape[1] + v)
+    """acc + the 32-value block at byte p (its bytes from b8; shift 1 for Q4_0, 0 for Q5_0, -1 for the types
+    with a min) . values v.. of activation row s in 8 bits (xd: that block's scale)."""
+    a = _dpbusd(_start32(xo, s * xo.shape[1] + (v >> 2), shift), b8(w, p), x8, s * x8.shape[1] + v)
     return end(acc, a, w, p, xo, s, v, xd)
 
 
@@ -552,10 +577,10 @@ def _block1_32(b8, end, shift, acc, w, p, x8, xo, s, v, xd):
 def _block4_32(b8, end, shift, acc0, acc1, acc2, acc3, w, p, x8, xo, s0, s1, s2, s3, v, xd0, xd1, xd2, xd3):
     """_block1_32 for rows s0..s3, the block's bytes made once."""
     q, D, W, o = b8(w, p), x8.shape[1], xo.shape[1], v >> 2
-    a0 = _dpbusd(_offset(xo, s0 * W + o, shift), q, x8, s0 * D + v)
-    a1 = _dpbusd(_offset(xo, s1 * W + o, shift), q, x8, s1 * D + v)
-    a2 = _dpbusd(_offset(xo, s2 * W + o, shift), q, x8, s2 * D + v)
-    a3 = _dpbusd(_offset(xo, s3 * W + o, shift), q, x8, s3 * D + v)
+    a0 = _dpbusd(_start32(xo, s0 * W + o, shift), q, x8, s0 * D + v)
+    a1 = _dpbusd(_start32(xo, s1 * W + o, shift), q, x8, s1 * D + v)
+    a2 = _dpbusd(_start32(xo, s2 * W + o, shift), q, x8, s2 * D + v)
+    a3 = _dpbusd(_start32(xo, s3 * W + o, shift), q, x8, s3 * D + v)
     return (end(acc0, a0, w, p, xo, s0, v, xd0), end(acc1, a1, w, p, xo, s1, v, xd1),
             end(acc2, a2, w, p, xo, s2, v, xd2), end(acc3, a3, w, p, xo, s3, v, xd3))
 

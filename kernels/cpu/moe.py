@@ -347,7 +347,7 @@ class LayerCall:
         # h, the down projection's input, likewise: silu(g) * u is heavy-tailed, and 11 bits cut its
         # rounding error ~65-fold against 8 in blocks of 256 (rows.py), but the K-quants' own rounding of the
         # weights is ~20-300x larger still (NSE 0.02-0.3 against a layer's 2-5e-4), and bytes take fewer
-        # instructions; Q4_0 / Q5_0 take it in 8 bits in blocks of 32 (NSE 1.1-1.5e-4 for a layer, rows.py)
+        # instructions; Q4_0 / Q5_0 take it in 8 bits in blocks of 32 (NSE 1.1-1.9e-4 for a layer, rows.py)
         h_form = _input_form(experts.down_type, DOWN_8BIT)
         p8, p16 = (P, 0) if h_form else (0, P)
         self._scratch = (_activations(n8, D, np.int8, form8), *_activations(n16, D, np.int16),

@@ -23,7 +23,7 @@ from dslocal.kernels.cpu.blocks import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, 
                                         _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero,
                                         _block1_8, _block4_8, _q2_k_m8, _q2_k_u8, _q3_k_m8, _q3_k_u8, _q4_k_m8,
                                         _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8, _block1_32, _block4_32,
-                                        _q4_0_b, _q5_0_b)
+                                        _q4_0_b, _q5_0_b, _q4_1_b, _q5_1_b, _dm32_end)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -39,11 +39,11 @@ XMAX = 1023
 # every K-quant projection (GATE_UP_8BIT, DOWN_8BIT): the 8-bit rounding of h is ~100x below the weights' own.
 XMAX8 = 127
 BYTE_DOT = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)   # the types that can take x in 8 bits
-# Q4_0 / Q5_0 take x in 8 bits with a scale per 32 values (quantize_row32, llama.cpp's Q8_0), where a block's
-# quants as unsigned bytes and x meet in one vpdpbusd: 12 instructions per Q5_0 block at one token, loads
-# included, against the int16 path's 18 (NOTES.md). A layer's NSE against the float reference is then
-# 1.1-1.5e-4 (11 bits: ~1e-5; the K-quants' 8 bits in blocks of 256: 2.4-5.4e-4), against Q5_0's own ~2e-3.
-BYTE_DOT32 = (Q4_0, Q5_0)
+# Q4_0 / Q5_0 / Q4_1 / Q5_1 take x in 8 bits with a scale per 32 values (quantize_row32, llama.cpp's Q8_0),
+# where a block's quants as unsigned bytes and x meet in one vpdpbusd: 12 instructions per Q5_0 block at one
+# token, loads included, against the int16 path's 18 (NOTES.md). A layer's NSE against the float reference is
+# then 1.1-1.9e-4 (11 bits: ~1e-5; the K-quants' 8 bits in blocks of 256: 2.4-5.4e-4), against Q5_0's own ~2e-3.
+BYTE_DOT32 = (Q4_0, Q5_0, Q4_1, Q5_1)
 ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows stay in L2, the tile's activations
                    # (16 KB at 2048 values) in L1; rows outer, tokens inner read every token from L2 for every row
 # One-token rows shorter than PREFETCH_MAX_ROW_BYTES ask for the row PREFETCH_ROWS ahead while they compute.
@@ -306,34 +306,34 @@ def _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
 
 
 @njit(inline="always")
-def _rows_32(chunk, b8, shift, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    """Q4_0 / Q5_0 rows on x in 8 bits when x8q holds it in blocks of 32 (quantize_row32), else on x16."""
+def _rows_32(chunk, b8, end, end8, shift, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    """A 32-value type's rows on x in 8 bits when x8q holds it in blocks of 32 (quantize_row32), else on x16."""
     x8, xd8, xo8 = x8q
     if x8.shape[0] and xd8.shape[1] * 32 == x8.shape[1]:
-        _rows_streamed(_block1_32, _block4_32, b8, _d_end, shift, n_bytes, 32, 32, w, e, r0, r1, src, n_src, x8, xd8,
+        _rows_streamed(_block1_32, _block4_32, b8, end8, shift, n_bytes, 32, 32, w, e, r0, r1, src, n_src, x8, xd8,
                        xo8, res)
     else:
-        _rows(chunk, _d_end, n_bytes, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+        _rows(chunk, end, n_bytes, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q4_0(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q4_0_w, _q4_0_b, 1, 18, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q4_0_w, _q4_0_b, _d_end, _d_end, 1, 18, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
-def _rows_q4_1(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q4_1_w, _dm_end, 20, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+def _rows_q4_1(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    _rows_32(_q4_1_w, _q4_1_b, _dm_end, _dm32_end, -1, 20, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_0(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q5_0_w, _q5_0_b, 0, 22, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q5_0_w, _q5_0_b, _d_end, _d_end, 0, 22, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
-def _rows_q5_1(w, e, r0, r1, src, n_src, x16, xd, xs, res):
-    _rows(_q5_1_w, _dm_end, 24, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
+def _rows_q5_1(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    _rows_32(_q5_1_w, _q5_1_b, _dm_end, _dm32_end, -1, 24, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(inline="always")
@@ -448,7 +448,8 @@ def _rows_f32(w, e, r0, r1, src, n_src, xf, res):
             _dot_f(c, n, wf, src, n_src, xf, res, r - r0)
 
 
-_BYTE_KERNELS = (_rows_q4_k, _rows_q5_k, _rows_q6_k, _rows_q2_k, _rows_q3_k, _rows_q4_0, _rows_q5_0)
+_BYTE_KERNELS = (_rows_q4_k, _rows_q5_k, _rows_q6_k, _rows_q2_k, _rows_q3_k, _rows_q4_0, _rows_q5_0, _rows_q4_1,
+                 _rows_q5_1)
 _FLOAT_KERNELS = (_rows_bf16, _rows_f16, _rows_f32)
 _KERNELS = {Q4_K: _rows_q4_k, Q5_K: _rows_q5_k, Q6_K: _rows_q6_k, Q2_K: _rows_q2_k, Q3_K: _rows_q3_k,
             Q8_0: _rows_q8_0, Q4_0: _rows_q4_0, Q4_1: _rows_q4_1, Q5_0: _rows_q5_0, Q5_1: _rows_q5_1,

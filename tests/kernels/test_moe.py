@@ -17,8 +17,8 @@ so only the activation side differs):
   expert varies most). Bound 1e-3: two quantized products in series, each within STYLE.md's 5e-4; a wrong
   sub-block scale still fails (Q4_K with two scales swapped: NSE 0.5). The weights' own rounding is
   20-300x larger (README: NSE 0.021 for Q6_K to 0.33 for Q2_K).
-- Q4_0 / Q5_0: x and h go in 8 bits with a scale per 32 values (rows.py quantize_row32, llama.cpp's Q8_0
-  input for these types): 1.1e-4..1.5e-4 measured; the K-quants' bound 1e-3 on the same argument. The
+- Q4_0 / Q5_0 / Q4_1 / Q5_1: x and h go in 8 bits with a scale per 32 values (rows.py quantize_row32, llama.cpp's Q8_0
+  input for these types): 1.1e-4..1.9e-4 measured; the K-quants' bound 1e-3 on the same argument. The
   weights' own rounding is NSE ~1.8e-3 (Q5_0) to ~7e-3 (Q4_0).
 - F32 / F16 / BF16 are dotted in float32 with unquantized activations: only the order of the float32 sums
   differs, ~1e-13 measured; bound 1e-10.
@@ -42,7 +42,7 @@ T_ = GGMLType
 K_QUANTS = [T_.Q4_K, T_.Q5_K, T_.Q6_K, T_.Q2_K, T_.Q3_K]
 BLOCK32 = [T_.Q8_0, T_.Q4_0, T_.Q4_1, T_.Q5_0, T_.Q5_1]
 FLOAT_DOTTED = [T_.BF16, T_.F16, T_.F32]
-BYTES32 = [T_.Q4_0, T_.Q5_0]
+BYTES32 = [T_.Q4_0, T_.Q5_0, T_.Q4_1, T_.Q5_1]
 NSE_BOUND = {**{t: 1e-3 if cpu.GATE_UP_8BIT or cpu.DOWN_8BIT else 5e-5 for t in K_QUANTS + BYTES32},
              **{t: 5e-5 for t in BLOCK32 if t not in BYTES32}, **{t: 1e-10 for t in FLOAT_DOTTED}}
 FAST = [cpu.moe_ffn]

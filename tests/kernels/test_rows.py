@@ -42,9 +42,11 @@ def activations(x: np.ndarray, t: GGMLType):
 
 
 # long rows (four streams): Q4_K 4096 values = 2304 bytes, Q8_0 2048 = 2176, Q2_K 7168 = 2352, Q4_0 4096 =
-# 2304; short rows (one at a time): Q6_K 1024 = 840, Q5_0 1408 = 968 (V2-Lite's down rows), Q4_0 1408 = 792
+# 2304, Q4_1 4096 = 2560; short rows (one at a time): Q6_K 1024 = 840, Q5_0 1408 = 968 (V2-Lite's down rows),
+# Q4_0 1408 = 792, Q5_1 1408 = 1056
 @pytest.mark.parametrize("t, D", [(T_.Q4_K, 4096), (T_.Q8_0, 2048), (T_.Q2_K, 7168), (T_.Q6_K, 1024),
-                                  (T_.Q5_0, 1408), (T_.Q4_0, 4096), (T_.Q4_0, 1408)],
+                                  (T_.Q5_0, 1408), (T_.Q4_0, 4096), (T_.Q4_0, 1408), (T_.Q5_1, 1408),
+                                  (T_.Q4_1, 4096)],
                          ids=lambda v: getattr(v, "name", str(v)))
 def test_one_token_rows_in_streams(t, D):
     rng = np.random.default_rng(int(t))
