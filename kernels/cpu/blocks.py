@@ -10,7 +10,8 @@ into 8 int32 lanes (pmaddwd; vpdpwssd with VNNI); the block's float scales then 
 K-quant mins and offsets (Q6_K's -32, Q3_K's -4) go through the 16-value activation sums (xs), one pmaddwd
 per super-block: sum_l sc_g (q_l - 32) x_l = sum_l sc_g q_l x_l - 32 sum_g sc_g xs_g. Q4_0's -8 and Q5_0's -16
 are added to the lanes; Q4_1's and Q5_1's min multiplies the block's activation sum. The same blocks on 8-bit
-activations (the K-quants' `_u8` / `_m8`, Q4_0 / Q5_0's `_b`) come further down, with their own drivers.
+activations (the K-quants' `_u8` / `_m8`, the other 4- and 5-bit types' `_b`) come further down, with their own
+drivers.
 
 Why vectors by hand: with plain loops LLVM did vectorise the 32-value dot, but left the per-block work scalar
 (scale unpacking, fp16 decoding, one horizontal sum per block): ~150 of the ~240 instructions per Q4_K

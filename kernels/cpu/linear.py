@@ -4,10 +4,10 @@
 
 The decode-time linear layers of a model run on the CPU (attention projections, shared experts, dense
 FFNs, the head: offload/hybrid.py BlockLinear) read the file's blocks through the row kernels of the
-routed experts (kernels/cpu/rows.py), with the same activation rounding (x in 8 bits for the K-quants and
-Q4_0 / Q5_0, 11 bits for the other 32-value types, float32 for float weights): a Q4_K weight is 7x fewer
-bytes to stream per token than its float32 copy. Rows are cut into chunks that the threads claim, as in kernels/cpu/moe.py.
-One parallel step per call; x is quantized in the calling thread.
+routed experts (kernels/cpu/rows.py), with the same activation rounding (x in 8 bits, a scale per 256 values
+for the K-quants and per 32 for Q4_0 / Q5_0 / Q4_1 / Q5_1; 11 bits for Q8_0; float32 for float weights): a
+Q4_K weight is 7x fewer bytes to stream per token than its float32 copy. Rows are cut into chunks that the
+threads claim, as in kernels/cpu/moe.py. One parallel step per call; x is quantized in the calling thread.
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def linear(x: np.ndarray, blocks: np.ndarray, t: GGMLType, out: np.ndarray | Non
     if out is None:
         out = np.empty((T, R), np.float32)
     _, sd, ss = activation_shapes(T, D)
-    # x in 8 bits for the K-quants (a scale per 256) and Q4_0 / Q5_0 (per 32), in 11 for the other quantized
-    # types, as it is for float weights
+    # x in 8 bits for the K-quants (a scale per 256) and BYTE_DOT32 (per 32), in 11 for Q8_0, as it is for
+    # float weights
     n8, n16 = (T, 0) if t in BYTE_DOT + BYTE_DOT32 else (0, 0) if t in FLOATS else (0, T)
     _, sd8, ss8 = activation_shapes32(n8, D) if t in BYTE_DOT32 else activation_shapes(n8, D)
     x8q = (np.empty((n8, D), np.int8), np.empty(sd8, np.float32), np.empty(ss8, np.int32))

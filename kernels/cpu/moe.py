@@ -340,14 +340,14 @@ class LayerCall:
         self._types = int(experts.gate_type), int(experts.up_type), int(experts.down_type)
         self._layer, self._synced = _for_types(*self._types)
         # x in 8 bits where a gate / up projection is a K-quant (its loops multiply bytes; or in blocks of 32
-        # where both are Q4_0 / Q5_0), in 11 bits where one takes neither: a buffer of no rows is not filled
+        # where both are BYTE_DOT32 types), in 11 bits where one takes neither: a buffer of no rows is not filled
         forms = [_input_form(t, GATE_UP_8BIT) for t in (experts.gate_type, experts.up_type)]
         form8 = "k8" if "k8" in forms else "b32" if "b32" in forms else None
         n8, n16 = T if form8 else 0, 0 if form8 and all(f == form8 for f in forms) else T
         # h, the down projection's input, likewise: silu(g) * u is heavy-tailed, and 11 bits cut its
         # rounding error ~65-fold against 8 in blocks of 256 (rows.py), but the K-quants' own rounding of the
         # weights is ~20-300x larger still (NSE 0.02-0.3 against a layer's 2-5e-4), and bytes take fewer
-        # instructions; Q4_0 / Q5_0 take it in 8 bits in blocks of 32 (NSE 1.1-1.9e-4 for a layer, rows.py)
+        # instructions; Q4_0 / Q5_0 / Q4_1 / Q5_1 take it in 8 bits in blocks of 32 (layer NSE 1.1-1.9e-4)
         h_form = _input_form(experts.down_type, DOWN_8BIT)
         p8, p16 = (P, 0) if h_form else (0, P)
         self._scratch = (_activations(n8, D, np.int8, form8), *_activations(n16, D, np.int16),
@@ -393,7 +393,7 @@ class LayerCall:
 
 def _input_form(t: int, on: bool):
     """How a projection of GGML type t takes its input: "k8" (8 bits, a scale per 256: the K-quants), "b32"
-    (8 bits, a scale per 32: Q4_0 / Q5_0), None (11 bits in int16, or float for float weights); on: whether
+    (8 bits, a scale per 32: rows.py BYTE_DOT32), None (11 bits in int16, or float for float weights); on: whether
     8-bit inputs are enabled for this projection (GATE_UP_8BIT / DOWN_8BIT)."""
     if on and t in BYTE_DOT:
         return "k8"

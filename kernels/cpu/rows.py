@@ -2,7 +2,7 @@
 
 Quantized types: activations are quantized once per call to integers: 11 bits held in int16 in blocks of 256
 (one float scale per block), with int32 sums over groups of 16 for the mins and offsets; for the K-quants 8
-bits in the same blocks (llama.cpp's Q8_K), for Q4_0 / Q5_0 8 bits in blocks of 32 (llama.cpp's Q8_0). Each
+bits in the same blocks (llama.cpp's Q8_K), for Q4_0 / Q5_0 / Q4_1 / Q5_1 8 bits in blocks of 32 (Q8_0). Each
 weight block is dotted with them in 256-bit integer vectors (kernels/cpu/blocks.py), the block's float scales
 applied to 8 int32 lanes, and one horizontal sum per row and token.
 F32 / F16 / BF16: a chunk of 256 values is converted to float32 and dotted in float32 with the unquantized
@@ -99,8 +99,8 @@ def quantize_row(x, t, x16, xd, xs, qmax=XMAX):
 def quantize_row32(x, t, x8, xd, xo):
     """Row t of x (N, D) f32 -> x8[t] (D,) int8 in blocks of 32 values, each with its own scale xd[t, b]
     (llama.cpp's Q8_0 activations), and xo[t, 8b:8b + 8] = (-16 * block b's sum of x8, 0, .., 0), the int32
-    lanes a Q4_0 / Q5_0 block's dot starts from (blocks.py `_block1_32`). D: a multiple of 32. Round to
-    nearest; a non-finite block gets a NaN scale."""
+    lanes a BYTE_DOT32 block's dot starts from or scales its min by (blocks.py `_block1_32`). D: a multiple of
+    32. Round to nearest; a non-finite block gets a NaN scale."""
     for c in range(xd.shape[1]):
         o = 32 * c
         amax, bad = f32(0), f32(0)
