@@ -39,8 +39,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from dslocal.kernels.cpu import gemm
-from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, XMAX8, activation_shapes, activation_shapes32, quantize_row,
-                                      quantize_row32, rows_dot)
+from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, XMAX8, activation_shapes, activation_shapes32,
+                                      in_blocks_of_32, quantize_row, quantize_row32, rows_dot)
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import GGMLType
 
@@ -191,12 +191,12 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
 @njit(inline="always")
 def _quantize_x(x, t, x16, xd, xs, x8q):
     """Row t of x in 11 bits and / or in 8 bits, as the layer's projections need (buffers of no rows: not);
-    8 bits in blocks of 32 where x8q's scales have that shape (rows.py activation_shapes32)."""
+    8 bits in blocks of 32 where x8q has that shape (rows.py activation_shapes32)."""
     x8, xd8, xs8 = x8q
     if x16.shape[0]:
         quantize_row(x, t, x16, xd, xs)
     if x8.shape[0]:
-        if xd8.shape[1] * 32 == x8.shape[1]:
+        if in_blocks_of_32(x8, xd8):
             quantize_row32(x, t, x8, xd8, xs8)
         else:
             quantize_row(x, t, x8, xd8, xs8, XMAX8)

@@ -95,6 +95,12 @@ def quantize_row(x, t, x16, xd, xs, qmax=XMAX):
         xs[t, g] = s
 
 
+@njit(inline="always")
+def in_blocks_of_32(x8, xd):
+    """Whether 8-bit activations x8 with scales xd are in blocks of 32 (quantize_row32), not of 256."""
+    return xd.shape[1] * 32 == x8.shape[1]
+
+
 @njit(cache=True, nogil=True)
 def quantize_row32(x, t, x8, xd, xo):
     """Row t of x (N, D) f32 -> x8[t] (D,) int8 in blocks of 32 values, each with its own scale xd[t, b]
@@ -309,7 +315,7 @@ def _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
 def _rows_32(chunk, b8, end, end8, shift, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
     """A 32-value type's rows on x in 8 bits when x8q holds it in blocks of 32 (quantize_row32), else on x16."""
     x8, xd8, xo8 = x8q
-    if x8.shape[0] and xd8.shape[1] * 32 == x8.shape[1]:
+    if x8.shape[0] and in_blocks_of_32(x8, xd8):
         _rows_streamed(_block1_32, _block4_32, b8, end8, shift, n_bytes, 32, 32, w, e, r0, r1, src, n_src, x8, xd8,
                        xo8, res)
     else:

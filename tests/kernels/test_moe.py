@@ -141,8 +141,8 @@ def test_only_the_types_in_use_compile(tmp_path):
     assert run.stderr.count("compiling the CPU MoE kernels for Q8_0 / Q8_0 / Q8_0 experts") == 1
 
 
-def test_q4_0_and_q5_0_take_8_bit_input_in_blocks_of_32():
-    """x and h of a Q4_0 / Q5_0 layer are quantized in blocks of 32 (one scale each), not in int16."""
+def test_32_value_types_take_8_bit_input_in_blocks_of_32():
+    """x and h of a Q4_0 / Q5_0 / Q4_1 / Q5_1 layer are quantized in blocks of 32 (one scale each), not in int16."""
     rng = np.random.default_rng(5)
     for t in BYTES32:
         ex = experts_of(t, 288, 160, rng)
