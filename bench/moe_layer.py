@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['memory_GiB']:.0f} GiB; {info['threads']} threads ({info['threading_layer']} layer), "
           f"numba {info['numba']}, torch {info['torch']}")
     info["matrix_path"] = gemm.enabled()
-    print(f"experts with {gemm.GEMM_MIN_TOKENS}+ tokens in calls of {gemm.GEMM_MIN_CALL}+: "
+    print(f"experts with {gemm.GEMM_MIN_TOKENS}+ tokens ({gemm.GEMM_MIN_TOKENS_TILED}+ with K-quant gate / up) in "
+          f"calls of {gemm.GEMM_MIN_CALL}+: "
           + ("matrix products (kernels/cpu/gemm.py)" if info["matrix_path"] else
              "row kernels (the matrix path is off: no AMX, or DSLOCAL_CPU_GEMM=0)"))
     print(f"DRAM read bandwidth: {dram['GB_per_s']:.1f} GB/s ({dram['bytes'] / 2**30:.0f} GiB, best of 5)\n")

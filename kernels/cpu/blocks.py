@@ -283,12 +283,17 @@ _maddubs = _op("_maddubs", I16, lambda c, b, sig, u, s: _maddubs_ir(b, u, s))
 
 def _dpbusd_ir(c, b, sig, acc, u, x, i):
     """acc (8 int32 lanes) + the products of the 32 unsigned bytes of u with the 32 int8 at flat element i
-    of x, summed in fours: vpdpbusd with AVX-VNNI or AVX512-VNNI (one instruction), else pmaddubsw and pmaddwd
-    by ones (u at most 31 here: a pair of products fits int16)."""
-    s = _load(c, b, sig, x, i, _V16, at=2)
+    of x, summed in fours (_vnni_ir)."""
+    return _vnni_ir(b, acc, u, _load(c, b, sig, x, i, _V16, at=2))
+
+
+def _vnni_ir(b, acc, u, s):
+    """acc + the products of the 32 unsigned bytes of u with the 32 signed bytes of s, summed in fours (any
+    256-bit vector types): vpdpbusd where the CPU has it, else pmaddubsw and pmaddwd by ones (u at most 63:
+    a pair of products then fits int16)."""
     if _has("avxvnni") or (_has("avx512vnni") and _has("avx512vl")):
         return _call(b, "llvm.x86.avx512.vpdpbusd.256", _V8I, [acc, b.bitcast(u, _V8I), b.bitcast(s, _V8I)])
-    return b.add(acc, _madd_ir(b, _maddubs_ir(b, u, s), _vec(_V16, 1)))
+    return b.add(acc, _madd_ir(b, _maddubs_ir(b, b.bitcast(u, _V16), b.bitcast(s, _V16)), _vec(_V16, 1)))
 
 
 def _nib32_ir(c, b, sig, a, i):
@@ -637,20 +642,108 @@ def _block1_8(u8, end, m8, acc, w, p, x8, xs, s, v, xd):
     return end(acc, a, w, p, xs, s, v, xd)
 
 
+# --- tiles of eight tokens whose lanes are the tokens (rows.py _rows_tile8) -----------------------------------
+# With four tokens or more, a K-quant row is first written out once: its quants as unsigned bytes (one per
+# value), its sub-block scales as floats (d * sc), and the int16 multipliers of its 16-value activation sums
+# (mins or offsets) with their float factor. The tokens' 8-bit activations are interleaved once per call, eight
+# tokens at a time, in groups of four values: lane t of a 32-byte vector holds token t's four bytes. Four of a
+# row's quants broadcast to every lane then meet eight tokens in one vpdpbusd; int32 lane t sums token t's
+# products over a sub-block, and one float multiply-add by the sub-block's scale serves all eight tokens. Per
+# 256 values and eight tokens: 64 vpdpbusd, 8 or 16 conversions and multiply-adds, 8 pmaddwd for the sums;
+# no per-token unpacking and no horizontal sums (the tiles of four above spent ~6 instructions per 32 values
+# and token).
+# A type is `_<type>_u8` (above) and `_<type>_t8(w, p)`: the block's sub-block scales (int16 lanes, the first
+# 8 or 16), d (8 float lanes), the 16 multipliers of its 16-value activation sums (int16 lanes) and their
+# factor (8 float lanes): w = d * sc_j * u - factor-side term, as in the type's `_end`.
+
+def _store_ir(c, b, sig, a, i, v):
+    data = c.make_array(sig.args[0])(c, b, a).data
+    st = b.store(v, b.bitcast(b.gep(data, [i]), v.type.as_pointer()))
+    st.align = 1
+    return c.get_dummy_value()
+
+
+_put = _op("_put", types.none, _store_ir, (0,))          # a vector stored at flat element i of an array
+_splat32 = _op("_splat32", I32, lambda c, b, sig, a, i: _splat(b, _load(c, b, sig, a, i, _i32), _V8I), (0,))
+_v8i = _op("_v8i", I32, lambda c, b, sig, a, i: _load(c, b, sig, a, i, _V8I), (0,))
+_v8f = _op("_v8f", FV, lambda c, b, sig, a, i: _load(c, b, sig, a, i, _V8F), (0,))
+_vnni = _op("_vnni", I32, lambda c, b, sig, acc, u, s: _vnni_ir(b, acc, u, s))
+_madd_to = _op("_madd_to", I32, lambda c, b, sig, acc, x, y: b.add(acc, _madd_ir(b, b.bitcast(x, _V16),
+                                                                                 b.bitcast(y, _V16))))
+_float = _op("_float", FV, lambda c, b, sig, a: b.sitofp(a, _V8F))
+_fsplat = _op("_fsplat", FV, lambda c, b, sig, f: _splat(b, f, _V8F))
+_mul_add = _op("_mul_add", FV, lambda c, b, sig, acc, x, y: b.fadd(acc, b.fmul(x, y, flags=["contract"]),
+                                                                   flags=["contract"]))
+_times = _op("_times", FV, lambda c, b, sig, x, y: b.fmul(x, y))
+_lane_f = _op("_lane_f", types.float32, lambda c, b, sig, v, k: b.extract_element(v, k))
+# int16 lanes 8h .. 8h + 7 as floats
+_half_f = _op("_half_f", FV, lambda c, b, sig, v, h: b.sitofp(b.sext(b.select(
+    b.icmp_signed("!=", h, ir.Constant(h.type, 0)), _pick(b, v, list(range(8, 16))), _pick(b, v, list(range(8)))),
+    _V8I), _V8F))
+
+
 @njit(inline="always")
-def _block4_8(u8, end, m8, acc0, acc1, acc2, acc3, w, p, x8, xs, s0, s1, s2, s3, v, xd0, xd1, xd2, xd3):
-    """_block1_8 for rows s0..s3, each chunk's bytes and multipliers made once; even and odd chunks in two
-    int32 sums per token (eight chains of pmaddwd, as in _block4)."""
-    D = x8.shape[1]
-    x0, x1, x2, x3 = s0 * D + v, s1 * D + v, s2 * D + v, s3 * D + v
-    a0, a1, a2, a3 = _zero_i32(), _zero_i32(), _zero_i32(), _zero_i32()
-    b0, b1, b2, b3 = _zero_i32(), _zero_i32(), _zero_i32(), _zero_i32()
-    for k in range(4):
-        q, m, o = u8(w, p, 2 * k), m8(w, p, 2 * k), 64 * k
-        a0, a1 = _dot(a0, _maddubs(q, _i16x16(x8, x0 + o)), m), _dot(a1, _maddubs(q, _i16x16(x8, x1 + o)), m)
-        a2, a3 = _dot(a2, _maddubs(q, _i16x16(x8, x2 + o)), m), _dot(a3, _maddubs(q, _i16x16(x8, x3 + o)), m)
-        q, m, o = u8(w, p, 2 * k + 1), m8(w, p, 2 * k + 1), 64 * k + 32
-        b0, b1 = _dot(b0, _maddubs(q, _i16x16(x8, x0 + o)), m), _dot(b1, _maddubs(q, _i16x16(x8, x1 + o)), m)
-        b2, b3 = _dot(b2, _maddubs(q, _i16x16(x8, x2 + o)), m), _dot(b3, _maddubs(q, _i16x16(x8, x3 + o)), m)
-    return (end(acc0, _sum(a0, b0), w, p, xs, s0, v, xd0), end(acc1, _sum(a1, b1), w, p, xs, s1, v, xd1),
-            end(acc2, _sum(a2, b2), w, p, xs, s2, v, xd2), end(acc3, _sum(a3, b3), w, p, xs, s3, v, xd3))
+def _q4_k_t8(w, p):
+    sc = _k4_scales(w, p + 4)
+    return sc, _f16(w, p, f32(1)), _mins16(sc), _f16(w, p + 2, f32(-1))
+
+
+_q5_k_t8 = _q4_k_t8
+
+
+@njit(inline="always")
+def _q6_k_t8(w, p):
+    sc = _i8x16(w, p + 192)
+    return sc, _f16(w, p + 208, f32(1)), sc, _f16(w, p + 208, f32(-32))
+
+
+@njit(inline="always")
+def _q2_k_t8(w, p):
+    s = _u8x16(w, p)
+    return _and(s, 15), _f16(w, p + 80, f32(1)), _shr(s, 4), _f16(w, p + 82, f32(-1))
+
+
+@njit(inline="always")
+def _q3_k_t8(w, p):
+    sc = _q3_scales(w, p + 96)
+    return sc, _f16(w, p + 108, f32(1)), sc, _f16(w, p + 108, f32(-4))
+
+
+@njit(inline="always")
+def _unpack8(u8, t8, n_sub, w, p, blk, wq, ws, wk, wm):
+    """The K-quant block at byte p of w as block blk of a row's scratch: wq uint8 [256 blk ..] its quants, one
+    byte each; ws f32 [16 blk ..] its n_sub (8 or 16) sub-block scales d * sc; wk int32 [8 blk ..] the
+    multipliers of its 16-value activation sums, two int16 in each; wm f32 [blk] their factor."""
+    for c in range(8):
+        _put(wq, 256 * blk + 32 * c, u8(w, p, c))
+    sc, d, k, kf = t8(w, p)
+    _put(ws, 16 * blk, _times(_half_f(sc, 0), d))
+    if n_sub == 16:
+        _put(ws, 16 * blk + 8, _times(_half_f(sc, 1), d))
+    _put(wk, 8 * blk, k)
+    wm[blk] = _lane_f(kf, 0)
+
+
+@njit(inline="always")
+def _tile8(n_sub, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd):
+    """acc_a, acc_b (float lanes: eight tokens) + block blk of two rows (their scratch from _unpack8: qa, sa,
+    ka, ma and qb, ..) . the tile's values 256 blk ... Tile: xt int32 [8 g + t] token t's four bytes of group
+    g; xk int32 [8 q + t] token t's 16-value sums 2q and 2q + 1 as int16; xd f32 [8 blk + t] its scales."""
+    ga, gb = _zero(), _zero()
+    per = 64 // n_sub                                    # groups of four values in a sub-block
+    for j in range(n_sub):
+        a, b = _zero_i32(), _zero_i32()
+        for g in range(per):
+            i = 64 * blk + per * j + g
+            x = _v8i(xt, 8 * i)
+            a, b = _vnni(a, _splat32(qa, 4 * i), x), _vnni(b, _splat32(qb, 4 * i), x)
+        ga = _mul_add(ga, _float(a), _fsplat(sa[16 * blk + j]))
+        gb = _mul_add(gb, _float(b), _fsplat(sb[16 * blk + j]))
+    a, b = _zero_i32(), _zero_i32()
+    for q in range(8):
+        x = _v8i(xk, 8 * (8 * blk + q))
+        a, b = _madd_to(a, x, _splat32(ka, 8 * blk + q)), _madd_to(b, x, _splat32(kb, 8 * blk + q))
+    ga = _mul_add(ga, _float(a), _fsplat(ma[blk]))
+    gb = _mul_add(gb, _float(b), _fsplat(mb[blk]))
+    d = _v8f(xd, 8 * blk)
+    return _mul_add(acc_a, ga, d), _mul_add(acc_b, gb, d)

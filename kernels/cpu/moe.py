@@ -39,8 +39,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from dslocal.kernels.cpu import gemm
-from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, XMAX8, activation_shapes, activation_shapes32,
-                                      in_blocks_of_32, quantize_row, quantize_row32, rows_dot)
+from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, TILE8_MIN, XMAX8, activation_shapes, activation_shapes32,
+                                      in_blocks_of_32, interleave8, quantize_row, quantize_row32, rows_dot,
+                                      rows_dot_tiles, tile_buffers)
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import GGMLType
 
@@ -148,19 +149,26 @@ def _chunk(c, n_threads, big, n_small, rows):
 
 
 @njit(inline="always")
-def _gate_up_rows(tg, tu, gate, up, f0, f1, active, start, pair_tok, x16, xd, xs, x, h, x8q):
-    """h[p, f0:f1] = silu(gate_e[f0:f1] . x[t]) * (up_e[f0:f1] . x[t]) for every pair p = (t, e)."""
+def _gate_up_rows(tg, tu, gate, up, f0, f1, active, start, pair_tok, x16, xd, xs, x, h, x8q, x_tiles, tile0):
+    """h[p, f0:f1] = silu(gate_e[f0:f1] . x[t]) * (up_e[f0:f1] . x[t]) for every pair p = (t, e); an expert
+    with tiles (_tile_starts) dotted with them."""
     n_rows = f1 - f0
     res_g = np.empty((TOKEN_BLOCK, n_rows), np.float32)
     res_u = np.empty((TOKEN_BLOCK, n_rows), np.float32)
     src = np.empty(TOKEN_BLOCK, np.int64)
+    xt, xk, xdt = x_tiles
     for e in active:
         for p0 in range(start[e], start[e + 1], TOKEN_BLOCK):
             n = min(TOKEN_BLOCK, start[e + 1] - p0)
-            for i in range(n):
-                src[i] = pair_tok[p0 + i]
-            rows_dot(tg, gate, e, f0, f1, src, n, x16, xd, xs, x, res_g, x8q)
-            rows_dot(tu, up, e, f0, f1, src, n, x16, xd, xs, x, res_u, x8q)
+            if tile0[e + 1] > tile0[e]:
+                k0 = tile0[e] + (p0 - start[e]) // 8
+                rows_dot_tiles(tg, gate, e, f0, f1, xt, xk, xdt, k0, n, res_g)
+                rows_dot_tiles(tu, up, e, f0, f1, xt, xk, xdt, k0, n, res_u)
+            else:
+                for i in range(n):
+                    src[i] = pair_tok[p0 + i]
+                rows_dot(tg, gate, e, f0, f1, src, n, x16, xd, xs, x, res_g, x8q)
+                rows_dot(tu, up, e, f0, f1, src, n, x16, xd, xs, x, res_u, x8q)
             for i in range(n):
                 for j in range(n_rows):
                     g = res_g[i, j]
@@ -168,20 +176,25 @@ def _gate_up_rows(tg, tu, gate, up, f0, f1, active, start, pair_tok, x16, xd, xs
 
 
 @njit(inline="always")
-def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, h8q):
-    """out[:, d0:d1] = sum over pairs (t, e) of w * down_e[d0:d1] . h[p]."""
+def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, h8q, h_tiles, tile0):
+    """out[:, d0:d1] = sum over pairs (t, e) of w * down_e[d0:d1] . h[p]; an expert with tiles dotted with
+    them."""
     n_rows = d1 - d0
     res = np.empty((TOKEN_BLOCK, n_rows), np.float32)
     src = np.empty(TOKEN_BLOCK, np.int64)
+    ht, hk, hdt = h_tiles
     for t in range(out.shape[0]):
         for j in range(d0, d1):
             out[t, j] = 0
     for e in active:
         for p0 in range(start[e], start[e + 1], TOKEN_BLOCK):
             n = min(TOKEN_BLOCK, start[e + 1] - p0)
-            for i in range(n):
-                src[i] = p0 + i
-            rows_dot(td, down, e, d0, d1, src, n, h16, hd, hs, h, res, h8q)
+            if tile0[e + 1] > tile0[e]:
+                rows_dot_tiles(td, down, e, d0, d1, ht, hk, hdt, tile0[e] + (p0 - start[e]) // 8, n, res)
+            else:
+                for i in range(n):
+                    src[i] = p0 + i
+                rows_dot(td, down, e, d0, d1, src, n, h16, hd, hs, h, res, h8q)
             for i in range(n):
                 t, wt = pair_tok[p0 + i], pair_w[p0 + i]
                 for j in range(n_rows):
@@ -202,9 +215,32 @@ def _quantize_x(x, t, x16, xd, xs, x8q):
             quantize_row(x, t, x8, xd8, xs8, XMAX8)
 
 
+@njit(inline="always")
+def _tile_starts(start, tiles):
+    """tile0 (E + 1,): expert e's pairs are tiles tile0[e] .. tile0[e + 1] - 1 of eight (rows.py interleave8)
+    when it has TILE8_MIN pairs or more and the layer has tile buffers (tiles rows), else none."""
+    E = start.shape[0] - 1
+    tile0 = np.zeros(E + 1, np.int64)
+    for e in range(E):
+        n = start[e + 1] - start[e]
+        tile0[e + 1] = tile0[e] + ((n + 7) // 8 if tiles > 0 and n >= TILE8_MIN else 0)
+    return tile0
+
+
+@njit(inline="always")
+def _interleave_experts(a8q, src, start, active, tile0, a_tiles):
+    """Each expert's inputs (rows src[start[e]:start[e + 1]] of a8q) into its tiles, in parallel."""
+    a8, ad, as_ = a8q
+    at, ak, adt = a_tiles
+    for i in prange(active.shape[0]):
+        e = active[i]
+        if tile0[e + 1] > tile0[e]:
+            interleave8(a8, ad, as_, src, start[e], start[e + 1] - start[e], at, ak, adt, tile0[e])
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
-               h, h8q, h16, hd, hs, out):
+               h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
     """x (T, D) f32, ids (T, K) int64, wts (T, K) f32 -> out (T, D) f32; the rest is scratch (see LayerCall).
     Steps 2 and 4 run on n_threads threads: first_share % of the rows in one chunk each, the rest in
     small_per_thread chunks each.
@@ -212,13 +248,16 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
     may have no rows when no projection reads it. h8q and h16 / hd / hs: the same for h, the down projection's
     input.
     tg, tu, td: the projections' GGML types, compile-time constants (rows.py rows_dot): one compiled layer per
-    combination of types, which only the kernels of those types go into."""
+    combination of types, which only the kernels of those types go into.
+    x_tiles, h_tiles: buffers for x and h in tiles of eight (rows.py tile_buffers; K-quant projections on 8-bit
+    input), interleaved once per call for the experts with TILE8_MIN pairs or more; buffers of no rows: none."""
     numba.literally(tg)
     numba.literally(tu)
     numba.literally(td)
     T = x.shape[0]
     E, F, D = gate.shape[0], gate.shape[1], down.shape[1]
     start, pair_tok, pair_w, active = _route(ids, wts, E)
+    x_tile0, h_tile0 = _tile_starts(start, x_tiles[0].shape[0]), _tile_starts(start, h_tiles[0].shape[0])
     claimed = np.zeros(16, np.int64)        # chunks handed out in step 2 (at 0) and step 4 (at 8: own cache line)
     if T > SERIAL_QUANTIZE:
         for t in prange(T):
@@ -226,6 +265,8 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
     else:        # a few rows: cheaper in this thread than a parallel step (one fork / join, ~8 us)
         for t in range(T):
             _quantize_x(x, t, x16, xd, xs, x8q)
+    if x_tile0[E]:
+        _interleave_experts(x8q, pair_tok, start, active, x_tile0, x_tiles)
     for step in range(2):
         # one prange for both weight steps: Numba compiles each prange into a function of its own, and the
         # heavy kernels then once instead of twice (the first compile takes ~25 s less)
@@ -237,18 +278,22 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
             while c < n_threads + n_small:
                 r0, r1 = _chunk(c, n_threads, big, n_small, rows)
                 if step == 0:
-                    _gate_up_rows(tg, tu, gate, up, r0, r1, active, start, pair_tok, x16, xd, xs, x, h, x8q)
+                    _gate_up_rows(tg, tu, gate, up, r0, r1, active, start, pair_tok, x16, xd, xs, x, h, x8q, x_tiles,
+                                  x_tile0)
                 else:
-                    _down_rows(td, down, r0, r1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, h8q)
+                    _down_rows(td, down, r0, r1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, h8q, h_tiles,
+                               h_tile0)
                 c = _claim(claimed, 8 * step)
         if step == 0:
             for p in prange(pair_tok.shape[0]):
                 _quantize_x(h, p, h16, hd, hs, h8q)
+            if h_tile0[E]:
+                _interleave_experts(h8q, np.arange(pair_tok.shape[0]), start, active, h_tile0, h_tiles)
 
 
 @njit(cache=True, nogil=True)
 def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu, td, n_threads,
-                  first_share, small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out):
+                  first_share, small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
     """_moe_layer once sync[i_ready] >= step (the inputs' writer sets it after the inputs), then
     sync[i_done] = step. Returns 1 when the layer ran (or had no pair to run: all ids -1, as when every
     expert of the token is the GPU's), 0 when `spins` polls went by without the flag, -1 when
@@ -265,7 +310,7 @@ def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate
         _pause()
     if ids.max() >= 0:      # no pair: nothing to compute, and the GPU does not read out (handoff.py, busy)
         _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16,
-                   xd, xs, h, h8q, h16, hd, hs, out)
+                   xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
     _store_release(sync, i_done, step)
     return 1
 
@@ -280,15 +325,15 @@ def _for_types(tg: int, tu: int, td: int):
     with the types as arguments would go through Numba's literal dispatch every time (~2 ms a call)."""
     if (tg, tu, td) not in _by_types:
         def layer(x, ids, wts, gate, up, down, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, h, h8q,
-                  h16, hd, hs, out):
+                  h16, hd, hs, out, x_tiles, h_tiles):
             _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16,
-                       xd, xs, h, h8q, h16, hd, hs, out)
+                       xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
 
         def synced(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, n_threads, first_share,
-                   small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out):
+                   small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
             return _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu,
                                  td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd,
-                                 hs, out)
+                                 hs, out, x_tiles, h_tiles)
         _by_types[tg, tu, td] = njit(cache=True, nogil=True)(layer), njit(cache=True, nogil=True)(synced)
     return _by_types[tg, tu, td]
 
@@ -350,19 +395,27 @@ class LayerCall:
         # instructions; Q4_0 / Q5_0 / Q4_1 / Q5_1 take it in 8 bits in blocks of 32 (layer NSE 1.1-1.9e-4)
         h_form = _input_form(experts.down_type, DOWN_8BIT)
         p8, p16 = (P, 0) if h_form else (0, P)
+        # K-quant projections on 8-bit input take experts with TILE8_MIN pairs or more in tiles of eight
+        # (rows.py rows_dot_tiles): at most P / 8 full tiles plus one partial per such expert
+        n_tiles = P // 8 + min(experts.n_expert, P // TILE8_MIN)
+        self._tiled = form8 == "k8" and n16 == 0
+        x_tiles = tile_buffers(n_tiles if self._tiled else 0, D)
+        h_tiles = tile_buffers(n_tiles if h_form == "k8" else 0, F)
         self._scratch = (_activations(n8, D, np.int8, form8), *_activations(n16, D, np.int16),
                          np.empty((P, F), np.float32), _activations(p8, F, np.int8, h_form),
-                         *_activations(p16, F, np.int16), out_n)
+                         *_activations(p16, F, np.int16), out_n, x_tiles, h_tiles)
 
     def __call__(self) -> np.ndarray:
         """Run the layer on numba.get_num_threads() threads; returns out (numpy, shared with the buffer).
-        In calls of gemm.GEMM_MIN_CALL tokens or more, experts with GEMM_MIN_TOKENS tokens or more go
-        through kernels/cpu/gemm.py instead (torch's own threads), the rest through the row kernels."""
+        In calls of gemm.GEMM_MIN_CALL tokens or more, experts with GEMM_MIN_TOKENS tokens or more
+        (GEMM_MIN_TOKENS_TILED where gate and up take tiles of eight) go through kernels/cpu/gemm.py instead
+        (torch's own threads), the rest through the row kernels."""
         _compile_notice(self._layer, self._types)
         inputs, ids, many = self._inputs, self.ids, ()
-        if ids.shape[0] >= max(gemm.GEMM_MIN_CALL, gemm.GEMM_MIN_TOKENS) and gemm.enabled():
+        least = gemm.GEMM_MIN_TOKENS_TILED if self._tiled else gemm.GEMM_MIN_TOKENS
+        if ids.shape[0] >= max(gemm.GEMM_MIN_CALL, least) and gemm.enabled():
             counts = np.bincount(ids[ids >= 0], minlength=self.experts.n_expert)
-            many = np.flatnonzero(counts >= gemm.GEMM_MIN_TOKENS)
+            many = np.flatnonzero(counts >= least)
             if len(many):      # the row kernels see those pairs as computed elsewhere (-1)
                 inputs = (inputs[0], np.where(np.isin(ids, many), -1, ids)) + inputs[2:]
         self._layer(*inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, *self._scratch)

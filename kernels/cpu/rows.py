@@ -21,9 +21,10 @@ from dslocal.kernels.cpu.blocks import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, 
                                         _block1, _block4, _d_end, _dm_end, _hsum, _q2_k_end, _q2_k_w, _q3_k_end,
                                         _q3_k_w, _q4_0_w, _q4_1_w, _q4_k_end, _q4_k_w, _q5_0_w, _q5_1_w, _q5_k_end,
                                         _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero,
-                                        _block1_8, _block4_8, _q2_k_m8, _q2_k_u8, _q3_k_m8, _q3_k_u8, _q4_k_m8,
+                                        _block1_8, _q2_k_m8, _q2_k_u8, _q3_k_m8, _q3_k_u8, _q4_k_m8,
                                         _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8, _block1_32, _block4_32,
-                                        _q4_0_b, _q5_0_b, _q4_1_b, _q5_1_b, _dm32_end)
+                                        _q4_0_b, _q5_0_b, _q4_1_b, _q5_1_b, _dm32_end, _lane_f, _q2_k_t8, _q3_k_t8,
+                                        _q4_k_t8, _q5_k_t8, _q6_k_t8, _tile8, _unpack8)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -53,6 +54,9 @@ ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows 
 # (_rows_one), which shorter ones were not faster with (kernels/cpu/NOTES.md).
 PREFETCH_ROWS = 2
 PREFETCH_MAX_ROW_BYTES = 2048
+# A K-quant call on 8-bit activations with this many tokens or more takes tiles of eight (_rows_tile8): four
+# tokens in eight lanes cost about what the tiles of four they replaced did (one core, NOTES.md).
+TILE8_MIN = 4
 
 
 def activation_shapes(n: int, d: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -177,9 +181,101 @@ def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, 
 
 
 @njit(inline="always")
-def _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, res):
-    """The same for a K-quant on activations in 8 bits (blocks.py `_block1_8` / `_block4_8`)."""
-    _rows_streamed(_block1_8, _block4_8, u8, end, m8, n_bytes, 256, QB, w, e, r0, r1, src, n_src, x8, xd, xs, res)
+def _rows8(u8, m8, end, tiles, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, res):
+    """The same for a K-quant on activations in 8 bits: TILE8_MIN tokens or more interleaved here and dotted
+    in tiles of eight (tiles: the type's compiled `_tiles_<type>`), fewer one at a time (blocks.py `_block1_8`;
+    a single token's long rows in streams)."""
+    if n_src >= TILE8_MIN:
+        xt, xk, xdt = tile_buffers((n_src + 7) // 8, x8.shape[1])
+        interleave8(x8, xd, xs, src, 0, n_src, xt, xk, xdt, 0)
+        tiles(w, e, r0, r1, xt, xk, xdt, 0, n_src, res)
+    elif n_src == 1 and w.shape[2] >= PREFETCH_MAX_ROW_BYTES:
+        _rows_one(_block1_8, u8, end, m8, n_bytes, 256, QB, w, e, r0, r1, src[0], x8, xd, xs, res)
+    else:
+        _rows_each(_block1_8, u8, end, m8, n_bytes, 256, QB, w, e, r0, r1, r0, r1, 0, src, n_src, x8, xd, xs, res)
+
+
+@njit(cache=True, nogil=True)
+def tile_buffers(n_tiles, d):
+    """Empty xt, xk, xdt (see interleave8) for n_tiles tiles of eight activation rows of d values."""
+    return (np.empty((n_tiles, 2 * d), np.int32), np.empty((n_tiles, d // 4), np.int32),
+            np.empty((n_tiles, -(-d // QB) * 8), np.float32))
+
+
+@njit(cache=True, nogil=True)
+def interleave8(x8, xd, xs, src, i0, n_src, xt, xk, xdt, k0):
+    """Activation rows src[i0:i0 + n_src] in 8 bits (quantize_row with XMAX8) as tiles k0, k0 + 1, .. of eight, the
+    lanes being the tokens (blocks.py `_tile8`): xt[k] int32 [8 g + t], token t's values 4g .. 4g + 3; xk[k]
+    int32 [8 q + t], its 16-value sums 2q and 2q + 1 as two int16; xdt[k] f32 [8 b + t], its block scales.
+    The lanes of a last tile's missing tokens are zeros (their results are never read, but stale floats there
+    could be subnormals, which cost the multiply-adds of every lane)."""
+    D = x8.shape[1]
+    x32 = x8.view(np.int32)
+    for i in range(n_src):
+        s, k, t = src[i0 + i], k0 + i // 8, i % 8
+        for g in range(D // 4):
+            xt[k, 8 * g + t] = x32[s, g]
+        for q in range(D // 32):
+            xk[k, 8 * q + t] = (xs[s, 2 * q] & 0xFFFF) | (xs[s, 2 * q + 1] << 16)
+        for b in range(xd.shape[1]):
+            xdt[k, 8 * b + t] = xd[s, b]
+    k = k0 + (n_src - 1) // 8
+    for t in range((n_src - 1) % 8 + 1, 8):
+        for g in range(D // 4):
+            xt[k, 8 * g + t] = 0
+        for q in range(D // 32):
+            xk[k, 8 * q + t] = 0
+        for b in range(xd.shape[1]):
+            xdt[k, 8 * b + t] = 0
+
+
+def rows_dot_tiles(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    """res[i, r - r0] = row r of expert e (a K-quant, GGML type t) . activation row i of tiles k0, k0 + 1, ..
+    (interleave8), i < n_src: rows_dot's tiles of eight, on tokens interleaved once by the caller (moe.py
+    interleaves a layer's inputs once per call, where rows_dot would per call of its own). As in rows_dot, t
+    must be a compile-time constant in compiled code."""
+    _TILE_KERNELS[int(t)](w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+
+@overload(rows_dot_tiles)
+def _rows_dot_tiles_typed(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    if isinstance(t, types.IntegerLiteral):
+        kernel = _TILE_KERNELS.get(t.literal_value)
+        if kernel is None:       # a caller's branch for types without tiles: compiled, never taken
+            def impl(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+                raise ValueError("rows_dot_tiles takes K-quant weights only")
+        else:
+            def impl(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+                kernel(w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+        return impl
+
+
+@njit(inline="always")
+def _rows_tile8(u8, t8, n_sub, n_bytes, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    """res[i, r - r0] = row r . token i of tiles k0 .. (interleave8) for a K-quant on 8-bit activations, eight
+    tokens per vector (blocks.py `_tile8`): two rows at a time are written out as bytes and scales
+    (`_unpack8`) and dotted with every tile. One core, rows in L2: 2-3x the G multiply-adds per second of the
+    tiles of four they replaced (kernels/cpu/NOTES.md)."""
+    R, row_bytes = w.shape[1], w.shape[2]
+    nb = row_bytes // n_bytes
+    qa, qb = np.empty(256 * nb, np.uint8), np.empty(256 * nb, np.uint8)
+    sa, sb = np.empty(16 * nb, np.float32), np.empty(16 * nb, np.float32)
+    ka, kb = np.empty(8 * nb, np.int32), np.empty(8 * nb, np.int32)
+    ma, mb = np.empty(nb, np.float32), np.empty(nb, np.float32)
+    for ra in range(r0, r1, 2):
+        rb = min(ra + 1, r1 - 1)                   # an odd last row is done twice
+        pa, pb = (e * R + ra) * row_bytes, (e * R + rb) * row_bytes
+        for blk in range(nb):
+            _unpack8(u8, t8, n_sub, w, pa + n_bytes * blk, blk, qa, sa, ka, ma)
+            _unpack8(u8, t8, n_sub, w, pb + n_bytes * blk, blk, qb, sb, kb, mb)
+        for i in range(0, n_src, 8):
+            k = k0 + i // 8
+            acc_a, acc_b = _zero(), _zero()
+            for blk in range(nb):
+                acc_a, acc_b = _tile8(n_sub, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt[k], xk[k], xdt[k])
+            for t in range(min(8, n_src - i)):
+                res[i + t, ra - r0] = _lane_f(acc_a, t)
+                res[i + t, rb - r0] = _lane_f(acc_b, t)
 
 
 @njit(inline="always")
@@ -199,8 +295,9 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, per, w, e, r0, r1, sr
     Tokens loop inside rows: the row stays in L1 while the activations (4 KB per token per 2048 values) come
     from L2. Four tokens at a time share each unpacked block; the rest go one by one, even and odd blocks
     into two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one (NOTES.md).
-    _rows / _rows8 go through _rows_streamed, which reads a single token's long rows in streams instead; a
-    K-quant's int16 path (moe.py uses it only with GATE_UP_8BIT / DOWN_8BIT off) comes here directly."""
+    _rows and the 32-value types' 8-bit path go through _rows_streamed, which reads a single token's long rows
+    in streams instead; a K-quant's int16 path (moe.py uses it only with GATE_UP_8BIT / DOWN_8BIT off) comes
+    here directly, its 8-bit path (_rows8) takes tiles of eight instead."""
     R, row_bytes = w.shape[1], w.shape[2]
     n_blocks, per_scale = row_bytes // n_bytes, u64(per // n_values)
     for b0 in range(r0, r1, ROW_BLOCK):
@@ -219,24 +316,35 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, per, w, e, r0, r1, sr
                 res[i, r - r0], res[i + 1, r - r0] = _hsum(acc0), _hsum(acc1)
                 res[i + 2, r - r0], res[i + 3, r - r0] = _hsum(acc2), _hsum(acc3)
             i += 4
-        for r in range(b0, b1):
-            p = (e * R + r) * row_bytes
-            if n_src % 4 and row_bytes < PREFETCH_MAX_ROW_BYTES:
-                for k in range(0, row_bytes, 64):
-                    _prefetch(w, p + PREFETCH_ROWS * row_bytes + k)
-            for i in range(n_src - n_src % 4, n_src):
-                s = src[i]
-                acc0, acc1 = _zero(), _zero()
-                for j in range(0, n_blocks - 1, 2):
-                    acc0 = block1(f, end, g, acc0, w, p + n_bytes * j, x, xs, s, n_values * j,
-                                  xd[s, u64(j) // per_scale])
-                    acc1 = block1(f, end, g, acc1, w, p + n_bytes * (j + 1), x, xs, s, n_values * (j + 1),
-                                  xd[s, u64(j + 1) // per_scale])
-                if n_blocks % 2:
-                    j = n_blocks - 1
-                    acc0 = block1(f, end, g, acc0, w, p + n_bytes * j, x, xs, s, n_values * j,
-                                  xd[s, u64(j) // per_scale])
-                res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
+        _rows_each(block1, f, end, g, n_bytes, n_values, per, w, e, r0, r1, b0, b1, n_src - n_src % 4, src, n_src,
+                   x, xd, xs, res)
+
+
+@njit(inline="always")
+def _rows_each(block1, f, end, g, n_bytes, n_values, per, w, e, r0, r1, b0, b1, i0, src, n_src, x, xd, xs, res):
+    """res[i, r - r0] = row r . activation row src[i] for rows b0 <= r < b1 (of the call's r0 .. r1) and tokens
+    i0 <= i < n_src one at a time, even and odd blocks into two float accumulators; short rows ask for the
+    row PREFETCH_ROWS ahead."""
+    R, row_bytes = w.shape[1], w.shape[2]
+    n_blocks, per_scale = row_bytes // n_bytes, u64(per // n_values)
+    for r in range(b0, b1):
+        p = (e * R + r) * row_bytes
+        if n_src > i0 and row_bytes < PREFETCH_MAX_ROW_BYTES:
+            for k in range(0, row_bytes, 64):
+                _prefetch(w, p + PREFETCH_ROWS * row_bytes + k)
+        for i in range(i0, n_src):
+            s = src[i]
+            acc0, acc1 = _zero(), _zero()
+            for j in range(0, n_blocks - 1, 2):
+                acc0 = block1(f, end, g, acc0, w, p + n_bytes * j, x, xs, s, n_values * j,
+                              xd[s, u64(j) // per_scale])
+                acc1 = block1(f, end, g, acc1, w, p + n_bytes * (j + 1), x, xs, s, n_values * (j + 1),
+                              xd[s, u64(j + 1) // per_scale])
+            if n_blocks % 2:
+                j = n_blocks - 1
+                acc0 = block1(f, end, g, acc0, w, p + n_bytes * j, x, xs, s, n_values * j,
+                              xd[s, u64(j) // per_scale])
+            res[i, r - r0] = _hsum(acc0) + _hsum(acc1)
 
 
 @njit(inline="always")
@@ -272,38 +380,65 @@ def _rows_one(block1, f, end, g, n_bytes, n_values, per, w, e, r0, r1, s, x, xd,
 
 
 @njit(inline="always")
-def _rows_k(chunk, end, u8, m8, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+def _rows_k(chunk, end, u8, m8, tiles, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
     """A K-quant's rows on x in 8 bits when x8q has rows, else on the int16 path."""
     x8, xd8, xs8 = x8q
     if x8.shape[0]:
-        _rows8(u8, m8, end, n_bytes, w, e, r0, r1, src, n_src, x8, xd8, xs8, res)
+        _rows8(u8, m8, end, tiles, n_bytes, w, e, r0, r1, src, n_src, x8, xd8, xs8, res)
     else:
         _rows_by(_block1, _block4, chunk, end, 16, n_bytes, 256, QB, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
+# the K-quants' tiles of eight, compiled once each for rows_dot and rows_dot_tiles
+@njit(cache=True, nogil=True)
+def _tiles_q4_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tile8(_q4_k_u8, _q4_k_t8, 8, 144, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+@njit(cache=True, nogil=True)
+def _tiles_q5_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tile8(_q5_k_u8, _q5_k_t8, 8, 176, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+@njit(cache=True, nogil=True)
+def _tiles_q6_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tile8(_q6_k_u8, _q6_k_t8, 16, 210, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+@njit(cache=True, nogil=True)
+def _tiles_q2_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tile8(_q2_k_u8, _q2_k_t8, 16, 84, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+@njit(cache=True, nogil=True)
+def _tiles_q3_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tile8(_q3_k_u8, _q3_k_t8, 16, 110, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+
 @njit(cache=True, nogil=True)
 def _rows_q4_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q4_k_w, _q4_k_end, _q4_k_u8, _q4_k_m8, 144, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q4_k_w, _q4_k_end, _q4_k_u8, _q4_k_m8, _tiles_q4_k, 144, w, e, r0, r1, src, n_src, x16, xd, xs, res,
+            x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q5_k_w, _q5_k_end, _q5_k_u8, _q5_k_m8, 176, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q5_k_w, _q5_k_end, _q5_k_u8, _q5_k_m8, _tiles_q5_k, 176, w, e, r0, r1, src, n_src, x16, xd, xs, res,
+            x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q6_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q6_k_w, _q6_k_end, _q6_k_u8, _q6_k_m8, 210, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q6_k_w, _q6_k_end, _q6_k_u8, _q6_k_m8, _tiles_q6_k, 210, w, e, r0, r1, src, n_src, x16, xd, xs, res,
+            x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q2_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q2_k_w, _q2_k_end, _q2_k_u8, _q2_k_m8, 84, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q2_k_w, _q2_k_end, _q2_k_u8, _q2_k_m8, _tiles_q2_k, 84, w, e, r0, r1, src, n_src, x16, xd, xs, res,
+            x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q3_k(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_k(_q3_k_w, _q3_k_end, _q3_k_u8, _q3_k_m8, 110, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_k(_q3_k_w, _q3_k_end, _q3_k_u8, _q3_k_m8, _tiles_q3_k, 110, w, e, r0, r1, src, n_src, x16, xd, xs, res,
+            x8q)
 
 
 @njit(cache=True, nogil=True)
@@ -457,6 +592,7 @@ def _rows_f32(w, e, r0, r1, src, n_src, xf, res):
 _BYTE_KERNELS = (_rows_q4_k, _rows_q5_k, _rows_q6_k, _rows_q2_k, _rows_q3_k, _rows_q4_0, _rows_q5_0, _rows_q4_1,
                  _rows_q5_1)
 _FLOAT_KERNELS = (_rows_bf16, _rows_f16, _rows_f32)
+_TILE_KERNELS = {Q4_K: _tiles_q4_k, Q5_K: _tiles_q5_k, Q6_K: _tiles_q6_k, Q2_K: _tiles_q2_k, Q3_K: _tiles_q3_k}
 _KERNELS = {Q4_K: _rows_q4_k, Q5_K: _rows_q5_k, Q6_K: _rows_q6_k, Q2_K: _rows_q2_k, Q3_K: _rows_q3_k,
             Q8_0: _rows_q8_0, Q4_0: _rows_q4_0, Q4_1: _rows_q4_1, Q5_0: _rows_q5_0, Q5_1: _rows_q5_1,
             BF16: _rows_bf16, F16: _rows_f16, F32: _rows_f32}

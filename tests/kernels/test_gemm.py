@@ -49,7 +49,7 @@ def test_only_experts_with_enough_tokens_take_the_matrix_path(monkeypatch):
     """One expert with many tokens, the rest with few: only that one goes to add_experts."""
     rng = np.random.default_rng(3)
     ex = experts(T_.Q4_K, rng)
-    T = max(gemm.GEMM_MIN_CALL, gemm.GEMM_MIN_TOKENS) + 5
+    T = max(gemm.GEMM_MIN_CALL, gemm.GEMM_MIN_TOKENS_TILED) + 5    # Q4_K gate / up: tiles of eight below
     ids = np.stack([np.full(T, 2), rng.integers(0, 2, T)], axis=1).astype(np.int64)   # expert 2: every token
     ids[10:, 1] = -1          # experts 0 and 1 get at most 10 tokens; the other pairs are computed elsewhere
     ids[-1, 0] = -1

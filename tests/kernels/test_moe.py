@@ -76,7 +76,8 @@ CASES = [(1, 1), (1, 8), (3, 6), (17, 3), (200, 2), (200, 7)]
 
 @pytest.fixture(params=["rows", "matrix"])
 def path(request, monkeypatch):
-    """Run with the row kernels only, or with experts of GEMM_MIN_TOKENS tokens or more on the matrix path."""
+    """Run with the row kernels only, or with experts of enough tokens on the matrix path (GEMM_MIN_TOKENS,
+    or GEMM_MIN_TOKENS_TILED for K-quant gate / up)."""
     monkeypatch.setattr(gemm, "ENABLED", request.param == "matrix")
     return request.param
 
@@ -94,8 +95,8 @@ def test_moe_ffn_matches_reference(fast, t, path):
         ids, w = routing(T, K, rng)
         y, want = fast(x, ids, w, ex), ref.moe_ffn(x, ids, w, ex)
         err = nse(y, want)
-        matrix = (path == "matrix" and T >= gemm.GEMM_MIN_CALL
-                  and np.bincount(ids.ravel()).max() >= gemm.GEMM_MIN_TOKENS)
+        least = gemm.GEMM_MIN_TOKENS_TILED if t in K_QUANTS else gemm.GEMM_MIN_TOKENS   # K-quants: tiles of 8
+        matrix = path == "matrix" and T >= gemm.GEMM_MIN_CALL and np.bincount(ids.ravel()).max() >= least
         bound = max(NSE_BOUND[t], MATRIX_BOUND) if matrix and t not in FLOAT_DOTTED else NSE_BOUND[t]
         print(f"{t.name} T={T} K={K} {'matrix' if matrix else 'rows'}: NSE {err:.2e} (bound {bound:.0e})")
         assert y.shape == (T, D) and y.dtype == np.float32
