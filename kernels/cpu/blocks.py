@@ -675,6 +675,7 @@ _fsplat = _op("_fsplat", FV, lambda c, b, sig, f: _splat(b, f, _V8F))
 _mul_add = _op("_mul_add", FV, lambda c, b, sig, acc, x, y: b.fadd(acc, b.fmul(x, y, flags=["contract"]),
                                                                    flags=["contract"]))
 _times = _op("_times", FV, lambda c, b, sig, x, y: b.fmul(x, y))
+_sar = _op("_sar", I32, lambda c, b, sig, v, n: b.ashr(v, _splat(b, b.trunc(n, _i32), _V8I)))
 _lane_f = _op("_lane_f", types.float32, lambda c, b, sig, v, k: b.extract_element(v, k))
 # int16 lanes 8h .. 8h + 7 as floats
 _half_f = _op("_half_f", FV, lambda c, b, sig, v, h: b.sitofp(b.sext(b.select(
@@ -747,3 +748,49 @@ def _tile8(n_sub, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd)
     gb = _mul_add(gb, _float(b), _fsplat(mb[blk]))
     d = _v8f(xd, 8 * blk)
     return _mul_add(acc_a, ga, d), _mul_add(acc_b, gb, d)
+
+
+# The 32-value types the same way, on 8-bit input in blocks of 32 (rows.py quantize_row32): a block is 32
+# bytes of quants (`_<type>_b`, above), its d and, for Q4_1 / Q5_1, its min (`_<type>_t32`); the tile's xk
+# holds, per block and token, -16 times the block's sum of x8, from which the dot starts (Q4_0's -8: shifted
+# right by one; Q5_0's -16 as it is) or which the min multiplies (shift -1), as in `_block1_32`.
+
+@njit(inline="always")
+def _d32_t32(w, p):
+    return _f16(w, p, f32(1)), _zero()
+
+
+@njit(inline="always")
+def _dm32_t32(w, p):
+    return _f16(w, p, f32(1)), _f16(w, p + 2, f32(-1 / 16))
+
+
+@njit(inline="always")
+def _unpack32(b8, t32, shift, w, p, blk, wq, ws, wk, wm):
+    """The 32-value block at byte p of w as block blk of a row's scratch (the layout of _unpack8): wq uint8
+    [32 blk ..] its quants, one byte each; ws f32 [blk] its d; wm f32 [blk] its min / -16 (0: no min)."""
+    _put(wq, 32 * blk, b8(w, p))
+    d, m = t32(w, p)
+    ws[blk] = _lane_f(d, 0)
+    wm[blk] = _lane_f(m, 0)
+
+
+@njit(inline="always")
+def _tile8_32(shift, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd):
+    """_tile8 for block blk (32 values) of two rows of a 32-value type: xk int32 [8 blk + t] token t's -16 *
+    the block's sum of x8, xd f32 [8 blk + t] its scale."""
+    o = _v8i(xk, 8 * blk)
+    a = _sar(o, shift) if shift >= 0 else _zero_i32()
+    b = a
+    for g in range(8):
+        i = 8 * blk + g
+        x = _v8i(xt, 8 * i)
+        a, b = _vnni(a, _splat32(qa, 4 * i), x), _vnni(b, _splat32(qb, 4 * i), x)
+    d = _v8f(xd, 8 * blk)
+    acc_a = _mul_add(acc_a, _float(a), _times(d, _fsplat(sa[blk])))
+    acc_b = _mul_add(acc_b, _float(b), _times(d, _fsplat(sb[blk])))
+    if shift < 0:
+        o = _float(o)
+        acc_a = _mul_add(acc_a, o, _times(d, _fsplat(ma[blk])))
+        acc_b = _mul_add(acc_b, o, _times(d, _fsplat(mb[blk])))
+    return acc_a, acc_b

@@ -36,12 +36,12 @@ import torch
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from dslocal.kernels.cpu import gemm
-from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, TILE8_MIN, XMAX8, activation_shapes, activation_shapes32,
-                                      in_blocks_of_32, interleave8, quantize_row, quantize_row32, rows_dot,
-                                      rows_dot_tiles, tile_buffers)
+from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, QB, TILE8_MIN, XMAX8, activation_shapes,
+                                      activation_shapes32, in_blocks_of_32, interleave8, quantize_row, quantize_row32,
+                                      rows_dot, rows_dot_tiles, tile_buffers)
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import GGMLType
 
@@ -148,6 +148,31 @@ def _chunk(c, n_threads, big, n_small, rows):
     return big + c * (rows - big) // n_small, big + (c + 1) * (rows - big) // n_small
 
 
+def _rows_or_tiles(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q, tiles, k0):
+    """rows.py rows_dot, or rows_dot_tiles on tiles k0, k0 + 1, .. (tiles: xt, xk, xdt) where k0 >= 0. In
+    compiled code (t a compile-time constant) only the types that have tiles of eight get the second branch."""
+    if k0 >= 0:
+        rows_dot_tiles(t, w, e, r0, r1, *tiles, k0, n, res)
+    else:
+        rows_dot(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q)
+
+
+@overload(_rows_or_tiles)
+def _rows_or_tiles_typed(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q, tiles, k0):
+    if not isinstance(t, types.IntegerLiteral):
+        return None
+    if t.literal_value in BYTE_DOT or t.literal_value in BYTE_DOT32:
+        def impl(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q, tiles, k0):
+            if k0 >= 0:
+                rows_dot_tiles(t, w, e, r0, r1, tiles[0], tiles[1], tiles[2], k0, n, res)
+            else:
+                rows_dot(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q)
+    else:
+        def impl(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q, tiles, k0):
+            rows_dot(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q)
+    return impl
+
+
 @njit(inline="always")
 def _gate_up_rows(tg, tu, gate, up, f0, f1, active, start, pair_tok, x16, xd, xs, x, h, x8q, x_tiles, tile0):
     """h[p, f0:f1] = silu(gate_e[f0:f1] . x[t]) * (up_e[f0:f1] . x[t]) for every pair p = (t, e); an expert
@@ -156,19 +181,14 @@ def _gate_up_rows(tg, tu, gate, up, f0, f1, active, start, pair_tok, x16, xd, xs
     res_g = np.empty((TOKEN_BLOCK, n_rows), np.float32)
     res_u = np.empty((TOKEN_BLOCK, n_rows), np.float32)
     src = np.empty(TOKEN_BLOCK, np.int64)
-    xt, xk, xdt = x_tiles
     for e in active:
         for p0 in range(start[e], start[e + 1], TOKEN_BLOCK):
             n = min(TOKEN_BLOCK, start[e + 1] - p0)
-            if tile0[e + 1] > tile0[e]:
-                k0 = tile0[e] + (p0 - start[e]) // 8
-                rows_dot_tiles(tg, gate, e, f0, f1, xt, xk, xdt, k0, n, res_g)
-                rows_dot_tiles(tu, up, e, f0, f1, xt, xk, xdt, k0, n, res_u)
-            else:
-                for i in range(n):
-                    src[i] = pair_tok[p0 + i]
-                rows_dot(tg, gate, e, f0, f1, src, n, x16, xd, xs, x, res_g, x8q)
-                rows_dot(tu, up, e, f0, f1, src, n, x16, xd, xs, x, res_u, x8q)
+            for i in range(n):
+                src[i] = pair_tok[p0 + i]
+            k0 = tile0[e] + (p0 - start[e]) // 8 if tile0[e + 1] > tile0[e] else -1
+            _rows_or_tiles(tg, gate, e, f0, f1, src, n, x16, xd, xs, x, res_g, x8q, x_tiles, k0)
+            _rows_or_tiles(tu, up, e, f0, f1, src, n, x16, xd, xs, x, res_u, x8q, x_tiles, k0)
             for i in range(n):
                 for j in range(n_rows):
                     g = res_g[i, j]
@@ -182,19 +202,16 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
     n_rows = d1 - d0
     res = np.empty((TOKEN_BLOCK, n_rows), np.float32)
     src = np.empty(TOKEN_BLOCK, np.int64)
-    ht, hk, hdt = h_tiles
     for t in range(out.shape[0]):
         for j in range(d0, d1):
             out[t, j] = 0
     for e in active:
         for p0 in range(start[e], start[e + 1], TOKEN_BLOCK):
             n = min(TOKEN_BLOCK, start[e + 1] - p0)
-            if tile0[e + 1] > tile0[e]:
-                rows_dot_tiles(td, down, e, d0, d1, ht, hk, hdt, tile0[e] + (p0 - start[e]) // 8, n, res)
-            else:
-                for i in range(n):
-                    src[i] = p0 + i
-                rows_dot(td, down, e, d0, d1, src, n, h16, hd, hs, h, res, h8q)
+            for i in range(n):
+                src[i] = p0 + i
+            k0 = tile0[e] + (p0 - start[e]) // 8 if tile0[e + 1] > tile0[e] else -1
+            _rows_or_tiles(td, down, e, d0, d1, src, n, h16, hd, hs, h, res, h8q, h_tiles, k0)
             for i in range(n):
                 t, wt = pair_tok[p0 + i], pair_w[p0 + i]
                 for j in range(n_rows):
@@ -249,7 +266,7 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
     input.
     tg, tu, td: the projections' GGML types, compile-time constants (rows.py rows_dot): one compiled layer per
     combination of types, which only the kernels of those types go into.
-    x_tiles, h_tiles: buffers for x and h in tiles of eight (rows.py tile_buffers; K-quant projections on 8-bit
+    x_tiles, h_tiles: buffers for x and h in tiles of eight (rows.py tile_buffers; projections on 8-bit
     input), interleaved once per call for the experts with TILE8_MIN pairs or more; buffers of no rows: none."""
     numba.literally(tg)
     numba.literally(tu)
@@ -395,12 +412,12 @@ class LayerCall:
         # instructions; Q4_0 / Q5_0 / Q4_1 / Q5_1 take it in 8 bits in blocks of 32 (layer NSE 1.1-1.9e-4)
         h_form = _input_form(experts.down_type, DOWN_8BIT)
         p8, p16 = (P, 0) if h_form else (0, P)
-        # K-quant projections on 8-bit input take experts with TILE8_MIN pairs or more in tiles of eight
-        # (rows.py rows_dot_tiles): at most P / 8 full tiles plus one partial per such expert
+        # projections on 8-bit input take experts with TILE8_MIN pairs or more in tiles of eight (rows.py
+        # rows_dot_tiles): at most P / 8 full tiles plus one partial per such expert
         n_tiles = P // 8 + min(experts.n_expert, P // TILE8_MIN)
-        self._tiled = form8 == "k8" and n16 == 0
-        x_tiles = tile_buffers(n_tiles if self._tiled else 0, D)
-        h_tiles = tile_buffers(n_tiles if h_form == "k8" else 0, F)
+        self._tiled = form8 is not None and n16 == 0
+        x_tiles = tile_buffers(n_tiles if self._tiled else 0, D, 32 if form8 == "b32" else QB)
+        h_tiles = tile_buffers(n_tiles if h_form else 0, F, 32 if h_form == "b32" else QB)
         self._scratch = (_activations(n8, D, np.int8, form8), *_activations(n16, D, np.int16),
                          np.empty((P, F), np.float32), _activations(p8, F, np.int8, h_form),
                          *_activations(p16, F, np.int16), out_n, x_tiles, h_tiles)

@@ -24,7 +24,8 @@ from dslocal.kernels.cpu.blocks import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, 
                                         _block1_8, _q2_k_m8, _q2_k_u8, _q3_k_m8, _q3_k_u8, _q4_k_m8,
                                         _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8, _block1_32, _block4_32,
                                         _q4_0_b, _q5_0_b, _q4_1_b, _q5_1_b, _dm32_end, _lane_f, _q2_k_t8, _q3_k_t8,
-                                        _q4_k_t8, _q5_k_t8, _q6_k_t8, _tile8, _unpack8)
+                                        _q4_k_t8, _q5_k_t8, _q6_k_t8, _tile8, _unpack8, _d32_t32, _dm32_t32,
+                                        _tile8_32, _unpack32)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -186,7 +187,7 @@ def _rows8(u8, m8, end, tiles, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, re
     in tiles of eight (tiles: the type's compiled `_tiles_<type>`), fewer one at a time (blocks.py `_block1_8`;
     a single token's long rows in streams)."""
     if n_src >= TILE8_MIN:
-        xt, xk, xdt = tile_buffers((n_src + 7) // 8, x8.shape[1])
+        xt, xk, xdt = tile_buffers((n_src + 7) // 8, x8.shape[1], QB)
         interleave8(x8, xd, xs, src, 0, n_src, xt, xk, xdt, 0)
         tiles(w, e, r0, r1, xt, xk, xdt, 0, n_src, res)
     elif n_src == 1 and w.shape[2] >= PREFETCH_MAX_ROW_BYTES:
@@ -196,27 +197,29 @@ def _rows8(u8, m8, end, tiles, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, re
 
 
 @njit(cache=True, nogil=True)
-def tile_buffers(n_tiles, d):
-    """Empty xt, xk, xdt (see interleave8) for n_tiles tiles of eight activation rows of d values."""
+def tile_buffers(n_tiles, d, per):
+    """Empty xt, xk, xdt (see interleave8) for n_tiles tiles of eight activation rows of d values, a scale per
+    `per` values (QB, or 32 for quantize_row32's form)."""
     return (np.empty((n_tiles, 2 * d), np.int32), np.empty((n_tiles, d // 4), np.int32),
-            np.empty((n_tiles, -(-d // QB) * 8), np.float32))
+            np.empty((n_tiles, -(-d // per) * 8), np.float32))
 
 
 @njit(cache=True, nogil=True)
 def interleave8(x8, xd, xs, src, i0, n_src, xt, xk, xdt, k0):
-    """Activation rows src[i0:i0 + n_src] in 8 bits (quantize_row with XMAX8) as tiles k0, k0 + 1, .. of eight, the
-    lanes being the tokens (blocks.py `_tile8`): xt[k] int32 [8 g + t], token t's values 4g .. 4g + 3; xk[k]
-    int32 [8 q + t], its 16-value sums 2q and 2q + 1 as two int16; xdt[k] f32 [8 b + t], its block scales.
-    The lanes of a last tile's missing tokens are zeros (their results are never read, but stale floats there
-    could be subnormals, which cost the multiply-adds of every lane)."""
-    D = x8.shape[1]
+    """Activation rows src[i0:i0 + n_src] in 8 bits as tiles k0, k0 + 1, .. of eight, the lanes being the
+    tokens (blocks.py `_tile8`): xt[k] int32 [8 g + t], token t's values 4g .. 4g + 3; xdt[k] f32 [8 b + t],
+    its block scales; xk[k] int32 [8 q + t]: in blocks of 256 (quantize_row with XMAX8) its 16-value sums
+    2q and 2q + 1 as two int16, in blocks of 32 (quantize_row32) block q's -16 * sum of x8 (xs: its offset
+    lanes). The lanes of a last tile's missing tokens are zeros (their results are never read, but stale
+    floats there could be subnormals, which cost the multiply-adds of every lane)."""
+    D, by32 = x8.shape[1], in_blocks_of_32(x8, xd)
     x32 = x8.view(np.int32)
     for i in range(n_src):
         s, k, t = src[i0 + i], k0 + i // 8, i % 8
         for g in range(D // 4):
             xt[k, 8 * g + t] = x32[s, g]
         for q in range(D // 32):
-            xk[k, 8 * q + t] = (xs[s, 2 * q] & 0xFFFF) | (xs[s, 2 * q + 1] << 16)
+            xk[k, 8 * q + t] = xs[s, 8 * q] if by32 else (xs[s, 2 * q] & 0xFFFF) | (xs[s, 2 * q + 1] << 16)
         for b in range(xd.shape[1]):
             xdt[k, 8 * b + t] = xd[s, b]
     k = k0 + (n_src - 1) // 8
@@ -230,8 +233,8 @@ def interleave8(x8, xd, xs, src, i0, n_src, xt, xk, xdt, k0):
 
 
 def rows_dot_tiles(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    """res[i, r - r0] = row r of expert e (a K-quant, GGML type t) . activation row i of tiles k0, k0 + 1, ..
-    (interleave8), i < n_src: rows_dot's tiles of eight, on tokens interleaved once by the caller (moe.py
+    """res[i, r - r0] = row r of expert e (GGML type t: BYTE_DOT or BYTE_DOT32) . activation row i of tiles
+    k0, k0 + 1, .. (interleave8), i < n_src: rows_dot's tiles of eight, on tokens interleaved once by the caller (moe.py
     interleaves a layer's inputs once per call, where rows_dot would per call of its own). As in rows_dot, t
     must be a compile-time constant in compiled code."""
     _TILE_KERNELS[int(t)](w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
@@ -239,26 +242,24 @@ def rows_dot_tiles(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
 
 @overload(rows_dot_tiles)
 def _rows_dot_tiles_typed(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    if isinstance(t, types.IntegerLiteral):
-        kernel = _TILE_KERNELS.get(t.literal_value)
-        if kernel is None:       # a caller's branch for types without tiles: compiled, never taken
-            def impl(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-                raise ValueError("rows_dot_tiles takes K-quant weights only")
-        else:
-            def impl(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-                kernel(w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    if isinstance(t, types.IntegerLiteral) and t.literal_value in _TILE_KERNELS:   # else a typing error
+        kernel = _TILE_KERNELS[t.literal_value]
+
+        def impl(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+            kernel(w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
         return impl
 
 
 @njit(inline="always")
-def _rows_tile8(u8, t8, n_sub, n_bytes, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    """res[i, r - r0] = row r . token i of tiles k0 .. (interleave8) for a K-quant on 8-bit activations, eight
-    tokens per vector (blocks.py `_tile8`): two rows at a time are written out as bytes and scales
-    (`_unpack8`) and dotted with every tile. One core, rows in L2: 2-3x the G multiply-adds per second of the
-    tiles of four they replaced (kernels/cpu/NOTES.md)."""
+def _rows_tiles(unpack, tile, f, g, h, n_bytes, n_values, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    """res[i, r - r0] = row r . token i of tiles k0 .. (interleave8), eight tokens per vector: two rows at a
+    time are written out as bytes and scales (unpack(f, g, h, ..): blocks.py `_unpack8` for the K-quants,
+    `_unpack32` for the 32-value types) and dotted with every tile (tile(h, ..): `_tile8`, `_tile8_32`).
+    One core, K-quant rows in L2: 2-3x the multiply-adds per second of the tiles of four they replaced
+    (kernels/cpu/NOTES.md)."""
     R, row_bytes = w.shape[1], w.shape[2]
     nb = row_bytes // n_bytes
-    qa, qb = np.empty(256 * nb, np.uint8), np.empty(256 * nb, np.uint8)
+    qa, qb = np.empty(n_values * nb, np.uint8), np.empty(n_values * nb, np.uint8)
     sa, sb = np.empty(16 * nb, np.float32), np.empty(16 * nb, np.float32)
     ka, kb = np.empty(8 * nb, np.int32), np.empty(8 * nb, np.int32)
     ma, mb = np.empty(nb, np.float32), np.empty(nb, np.float32)
@@ -266,13 +267,13 @@ def _rows_tile8(u8, t8, n_sub, n_bytes, w, e, r0, r1, xt, xk, xdt, k0, n_src, re
         rb = min(ra + 1, r1 - 1)                   # an odd last row is done twice
         pa, pb = (e * R + ra) * row_bytes, (e * R + rb) * row_bytes
         for blk in range(nb):
-            _unpack8(u8, t8, n_sub, w, pa + n_bytes * blk, blk, qa, sa, ka, ma)
-            _unpack8(u8, t8, n_sub, w, pb + n_bytes * blk, blk, qb, sb, kb, mb)
+            unpack(f, g, h, w, pa + n_bytes * blk, blk, qa, sa, ka, ma)
+            unpack(f, g, h, w, pb + n_bytes * blk, blk, qb, sb, kb, mb)
         for i in range(0, n_src, 8):
             k = k0 + i // 8
             acc_a, acc_b = _zero(), _zero()
             for blk in range(nb):
-                acc_a, acc_b = _tile8(n_sub, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt[k], xk[k], xdt[k])
+                acc_a, acc_b = tile(h, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt[k], xk[k], xdt[k])
             for t in range(min(8, n_src - i)):
                 res[i + t, ra - r0] = _lane_f(acc_a, t)
                 res[i + t, rb - r0] = _lane_f(acc_b, t)
@@ -389,26 +390,31 @@ def _rows_k(chunk, end, u8, m8, tiles, n_bytes, w, e, r0, r1, src, n_src, x16, x
         _rows_by(_block1, _block4, chunk, end, 16, n_bytes, 256, QB, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
-# the K-quants' tiles of eight, compiled once each for rows_dot and rows_dot_tiles
+# tiles of eight, compiled once per type for rows_dot and rows_dot_tiles
 @njit(cache=True, nogil=True)
 def _tiles_q4_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    _rows_tile8(_q4_k_u8, _q4_k_t8, 8, 144, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    _rows_tiles(_unpack8, _tile8, _q4_k_u8, _q4_k_t8, 8, 144, 256, w, e, r0, r1, xt, xk, xdt, k0, n_src,
+                res)
 
 @njit(cache=True, nogil=True)
 def _tiles_q5_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    _rows_tile8(_q5_k_u8, _q5_k_t8, 8, 176, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    _rows_tiles(_unpack8, _tile8, _q5_k_u8, _q5_k_t8, 8, 176, 256, w, e, r0, r1, xt, xk, xdt, k0, n_src,
+                res)
 
 @njit(cache=True, nogil=True)
 def _tiles_q6_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    _rows_tile8(_q6_k_u8, _q6_k_t8, 16, 210, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    _rows_tiles(_unpack8, _tile8, _q6_k_u8, _q6_k_t8, 16, 210, 256, w, e, r0, r1, xt, xk, xdt, k0, n_src,
+                res)
 
 @njit(cache=True, nogil=True)
 def _tiles_q2_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    _rows_tile8(_q2_k_u8, _q2_k_t8, 16, 84, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    _rows_tiles(_unpack8, _tile8, _q2_k_u8, _q2_k_t8, 16, 84, 256, w, e, r0, r1, xt, xk, xdt, k0, n_src,
+                res)
 
 @njit(cache=True, nogil=True)
 def _tiles_q3_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    _rows_tile8(_q3_k_u8, _q3_k_t8, 16, 110, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    _rows_tiles(_unpack8, _tile8, _q3_k_u8, _q3_k_t8, 16, 110, 256, w, e, r0, r1, xt, xk, xdt, k0, n_src,
+                res)
 
 
 @njit(cache=True, nogil=True)
@@ -446,11 +452,33 @@ def _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
     _rows(_q8_0_w, _d_end, 34, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
+@njit(cache=True, nogil=True)
+def _tiles_q4_0(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tiles(_unpack32, _tile8_32, _q4_0_b, _d32_t32, 1, 18, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+@njit(cache=True, nogil=True)
+def _tiles_q5_0(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tiles(_unpack32, _tile8_32, _q5_0_b, _d32_t32, 0, 22, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+@njit(cache=True, nogil=True)
+def _tiles_q4_1(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tiles(_unpack32, _tile8_32, _q4_1_b, _dm32_t32, -1, 20, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+@njit(cache=True, nogil=True)
+def _tiles_q5_1(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tiles(_unpack32, _tile8_32, _q5_1_b, _dm32_t32, -1, 24, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+
 @njit(inline="always")
-def _rows_32(chunk, b8, end, end8, shift, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    """A 32-value type's rows on x in 8 bits when x8q holds it in blocks of 32 (quantize_row32), else on x16."""
+def _rows_32(chunk, b8, end, end8, shift, tiles, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+    """A 32-value type's rows on x in 8 bits when x8q holds it in blocks of 32 (quantize_row32): TILE8_MIN
+    tokens or more in tiles of eight (tiles: the type's `_tiles_<type>`); else on x16."""
     x8, xd8, xo8 = x8q
-    if x8.shape[0] and in_blocks_of_32(x8, xd8):
+    if x8.shape[0] and in_blocks_of_32(x8, xd8) and n_src >= TILE8_MIN:
+        xt, xk, xdt = tile_buffers((n_src + 7) // 8, x8.shape[1], 32)
+        interleave8(x8, xd8, xo8, src, 0, n_src, xt, xk, xdt, 0)
+        tiles(w, e, r0, r1, xt, xk, xdt, 0, n_src, res)
+    elif x8.shape[0] and in_blocks_of_32(x8, xd8):
         _rows_streamed(_block1_32, _block4_32, b8, end8, shift, n_bytes, 32, 32, w, e, r0, r1, src, n_src, x8, xd8,
                        xo8, res)
     else:
@@ -459,22 +487,22 @@ def _rows_32(chunk, b8, end, end8, shift, n_bytes, w, e, r0, r1, src, n_src, x16
 
 @njit(cache=True, nogil=True)
 def _rows_q4_0(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q4_0_w, _q4_0_b, _d_end, _d_end, 1, 18, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q4_0_w, _q4_0_b, _d_end, _d_end, 1, _tiles_q4_0, 18, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q4_1(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q4_1_w, _q4_1_b, _dm_end, _dm32_end, -1, 20, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q4_1_w, _q4_1_b, _dm_end, _dm32_end, -1, _tiles_q4_1, 20, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_0(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q5_0_w, _q5_0_b, _d_end, _d_end, 0, 22, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q5_0_w, _q5_0_b, _d_end, _d_end, 0, _tiles_q5_0, 22, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_1(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q5_1_w, _q5_1_b, _dm_end, _dm32_end, -1, 24, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q5_1_w, _q5_1_b, _dm_end, _dm32_end, -1, _tiles_q5_1, 24, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(inline="always")
@@ -592,7 +620,8 @@ def _rows_f32(w, e, r0, r1, src, n_src, xf, res):
 _BYTE_KERNELS = (_rows_q4_k, _rows_q5_k, _rows_q6_k, _rows_q2_k, _rows_q3_k, _rows_q4_0, _rows_q5_0, _rows_q4_1,
                  _rows_q5_1)
 _FLOAT_KERNELS = (_rows_bf16, _rows_f16, _rows_f32)
-_TILE_KERNELS = {Q4_K: _tiles_q4_k, Q5_K: _tiles_q5_k, Q6_K: _tiles_q6_k, Q2_K: _tiles_q2_k, Q3_K: _tiles_q3_k}
+_TILE_KERNELS = {Q4_K: _tiles_q4_k, Q5_K: _tiles_q5_k, Q6_K: _tiles_q6_k, Q2_K: _tiles_q2_k, Q3_K: _tiles_q3_k,
+                 Q4_0: _tiles_q4_0, Q5_0: _tiles_q5_0, Q4_1: _tiles_q4_1, Q5_1: _tiles_q5_1}
 _KERNELS = {Q4_K: _rows_q4_k, Q5_K: _rows_q5_k, Q6_K: _rows_q6_k, Q2_K: _rows_q2_k, Q3_K: _rows_q3_k,
             Q8_0: _rows_q8_0, Q4_0: _rows_q4_0, Q4_1: _rows_q4_1, Q5_0: _rows_q5_0, Q5_1: _rows_q5_1,
             BF16: _rows_bf16, F16: _rows_f16, F32: _rows_f32}

@@ -70,22 +70,28 @@ def test_one_token_rows_in_streams(t, D):
             assert np.isnan(part[0, r1 - r0:]).all() and np.isnan(part[1:]).all()   # nothing else written
 
 
-# Several tokens of a K-quant on 8-bit input: TILE8_MIN or more go in tiles of eight whose lanes are the
-# tokens (the last tile partly empty), fewer one at a time. Short rows (2048 values, 6-16 blocks) keep the
-# compiles short; the types are all five K-quants (sub-blocks of 32: Q4_K, Q5_K; of 16: Q6_K, Q2_K, Q3_K).
-@pytest.mark.parametrize("t", [T_.Q4_K, T_.Q5_K, T_.Q6_K, T_.Q2_K, T_.Q3_K], ids=lambda v: v.name)
+# Several tokens on 8-bit input: TILE8_MIN or more go in tiles of eight whose lanes are the tokens (the last
+# tile partly empty), fewer one at a time. Short rows (2048 values for the K-quants, 1408 for the 32-value
+# types) keep the compiles short; the types are all five K-quants (sub-blocks of 32: Q4_K, Q5_K; of 16: Q6_K,
+# Q2_K, Q3_K) and the four 32-value types that take 8-bit input (offsets -8 / -16, mins).
+@pytest.mark.parametrize("t", [T_.Q4_K, T_.Q5_K, T_.Q6_K, T_.Q2_K, T_.Q3_K, T_.Q4_0, T_.Q5_0, T_.Q4_1, T_.Q5_1],
+                         ids=lambda v: v.name)
 def test_several_tokens_in_tiles_of_eight(t):
     rng = np.random.default_rng(10 + int(t))
-    D, N = 2048, 13
+    by32 = int(t) in rows.BYTE_DOT32
+    D, N, per = (1408, 13, 32) if by32 else (2048, 13, rows.QB)
     w = quantize(rng.standard_normal((2, R, D), dtype=np.float32) / np.float32(D ** 0.5), t)
     x = rng.standard_normal((N, D), dtype=np.float32) * rng.uniform(0.1, 10, (N, 1)).astype(np.float32)
-    s16, sd, ss = rows.activation_shapes(N, D)
-    x8, xd8, xs8 = np.empty(s16, np.int8), np.empty(sd, np.float32), np.empty(ss, np.int32)
+    s8, sd, ss = rows.activation_shapes32(N, D) if by32 else rows.activation_shapes(N, D)
+    x8, xd8, xs8 = np.empty(s8, np.int8), np.empty(sd, np.float32), np.empty(ss, np.int32)
     for i in range(N):
-        rows.quantize_row(x, i, x8, xd8, xs8, rows.XMAX8)
-    exact = x8.astype(np.float64) * np.repeat(xd8.astype(np.float64), rows.QB, axis=1)
+        if by32:
+            rows.quantize_row32(x, i, x8, xd8, xs8)
+        else:
+            rows.quantize_row(x, i, x8, xd8, xs8, rows.XMAX8)
+    exact = x8.astype(np.float64) * np.repeat(xd8.astype(np.float64), per, axis=1)[:, :D]
     want = dequantize(w[1], t).astype(np.float64) @ exact.T                     # (R, N)
-    unused = (np.empty((0, D), np.int16), np.empty((0, D // 256), np.float32), np.empty((0, D // 16), np.int32))
+    unused = (np.empty((0, D), np.int16), np.empty((0, -(-D // 256)), np.float32), np.empty((0, D // 16), np.int32))
     # token 3 twice in one tile and once more in the next; the first tile full, the second partly
     src = np.array([5, 0, 12, 3, 3, 7, 1, 9, 11, 3, 6, 4, 8, 2], np.int64)
     for n in (3, rows.TILE8_MIN, 8, 12):
