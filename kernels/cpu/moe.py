@@ -232,10 +232,11 @@ def _quantize_x(x, t, x16, xd, xs, x8q):
             quantize_row(x, t, x8, xd8, xs8, XMAX8)
 
 
-@njit(inline="always")
+@njit(cache=True, nogil=True)
 def _tile_starts(start, tiles):
     """tile0 (E + 1,): expert e's pairs are tiles tile0[e] .. tile0[e + 1] - 1 of eight (rows.py interleave8)
-    when it has TILE8_MIN pairs or more and the layer has tile buffers (tiles rows), else none."""
+    when it has TILE8_MIN pairs or more and the layer has tile buffers (tiles rows), else none. Not inlined
+    into the parallel layer, where Numba would make its np.zeros a parallel step of its own (~8 us)."""
     E = start.shape[0] - 1
     tile0 = np.zeros(E + 1, np.int64)
     for e in range(E):
@@ -275,7 +276,11 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
     E, F, D = gate.shape[0], gate.shape[1], down.shape[1]
     start, pair_tok, pair_w, active = _route(ids, wts, E)
     x_tile0, h_tile0 = _tile_starts(start, x_tiles[0].shape[0]), _tile_starts(start, h_tiles[0].shape[0])
-    claimed = np.zeros(16, np.int64)        # chunks handed out in step 2 (at 0) and step 4 (at 8: own cache line)
+    # chunks handed out in step 2 (at 0) and step 4 (at 8: own cache line); zeroed one by one, as Numba makes an
+    # np.zeros in a parallel function a parallel step of its own (a fork / join, ~8 us, at every call)
+    claimed = np.empty(16, np.int64)
+    claimed[0] = 0
+    claimed[8] = 0
     if T > SERIAL_QUANTIZE:
         for t in prange(T):
             _quantize_x(x, t, x16, xd, xs, x8q)
