@@ -41,7 +41,7 @@ from numba.extending import intrinsic, overload
 from dslocal.kernels.cpu import gemm
 from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, QB, TILE8_MIN, XMAX8, activation_shapes,
                                       activation_shapes32, in_blocks_of_32, interleave8, quantize_row, quantize_row32,
-                                      rows_dot, rows_dot_tiles, tile_buffers)
+                                      rows_dot, rows_dot_tiles, tile_shapes)
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import GGMLType
 
@@ -267,7 +267,7 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
     input.
     tg, tu, td: the projections' GGML types, compile-time constants (rows.py rows_dot): one compiled layer per
     combination of types, which only the kernels of those types go into.
-    x_tiles, h_tiles: buffers for x and h in tiles of eight (rows.py tile_buffers; projections on 8-bit
+    x_tiles, h_tiles: buffers for x and h in tiles of eight (rows.py tile_shapes; projections on 8-bit
     input), interleaved once per call for the experts with TILE8_MIN pairs or more; buffers of no rows: none."""
     numba.literally(tg)
     numba.literally(tu)
@@ -418,11 +418,12 @@ class LayerCall:
         h_form = _input_form(experts.down_type, DOWN_8BIT)
         p8, p16 = (P, 0) if h_form else (0, P)
         # projections on 8-bit input take experts with TILE8_MIN pairs or more in tiles of eight (rows.py
-        # rows_dot_tiles): at most P / 8 full tiles plus one partial per such expert
-        n_tiles = P // 8 + min(experts.n_expert, P // TILE8_MIN)
+        # rows_dot_tiles): at most P / 8 full tiles plus one partial per such expert, none below TILE8_MIN tokens
+        # (numpy allocates them: moe_ffn builds a LayerCall per call)
+        n_tiles = P // 8 + min(experts.n_expert, P // TILE8_MIN) if T >= TILE8_MIN else 0
         self._tiled = form8 is not None and n16 == 0
-        x_tiles = tile_buffers(n_tiles if self._tiled else 0, D, 32 if form8 == "b32" else QB)
-        h_tiles = tile_buffers(n_tiles if h_form else 0, F, 32 if h_form == "b32" else QB)
+        x_tiles = _tiles(n_tiles if self._tiled else 0, D, 32 if form8 == "b32" else QB)
+        h_tiles = _tiles(n_tiles if h_form else 0, F, 32 if h_form == "b32" else QB)
         self._scratch = (_activations(n8, D, np.int8, form8), *_activations(n16, D, np.int16),
                          np.empty((P, F), np.float32), _activations(p8, F, np.int8, h_form),
                          *_activations(p16, F, np.int16), out_n, x_tiles, h_tiles)
@@ -481,6 +482,12 @@ def _activations(n: int, d: int, dtype, form=None) -> tuple[np.ndarray, np.ndarr
     values, their scales, the offset lanes: rows.py quantize_row32). n = 0: not used by the call."""
     shapes = activation_shapes32(n, d) if form == "b32" else activation_shapes(n, d)
     return np.empty(shapes[0], dtype), np.empty(shapes[1], np.float32), np.empty(shapes[2], np.int32)
+
+
+def _tiles(n_tiles: int, d: int, per: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Buffers for n_tiles tiles of eight activation rows (rows.py tile_shapes, interleave8)."""
+    st, sk, sd = tile_shapes(n_tiles, d, per)
+    return np.empty(st, np.int32), np.empty(sk, np.int32), np.empty(sd, np.float32)
 
 
 def _numpy(a, dtype, name: str) -> np.ndarray:

@@ -196,10 +196,15 @@ def _rows8(u8, m8, end, tiles, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, re
         _rows_each(_block1_8, u8, end, m8, n_bytes, 256, QB, w, e, r0, r1, r0, r1, 0, src, n_src, x8, xd, xs, res)
 
 
+def tile_shapes(n_tiles: int, d: int, per: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Shapes of xt (int32), xk (int32), xdt (f32) (see interleave8) for n_tiles tiles of eight activation rows
+    of d values with a scale per `per` values (QB, or 32 for quantize_row32's form)."""
+    return (n_tiles, 2 * d), (n_tiles, d // 4), (n_tiles, -(-d // per) * 8)
+
+
 @njit(cache=True, nogil=True)
 def tile_buffers(n_tiles, d, per):
-    """Empty xt, xk, xdt (see interleave8) for n_tiles tiles of eight activation rows of d values, a scale per
-    `per` values (QB, or 32 for quantize_row32's form)."""
+    """Empty xt, xk, xdt of tile_shapes(n_tiles, d, per), for compiled callers."""
     return (np.empty((n_tiles, 2 * d), np.int32), np.empty((n_tiles, d // 4), np.int32),
             np.empty((n_tiles, -(-d // per) * 8), np.float32))
 
