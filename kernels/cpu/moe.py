@@ -8,6 +8,9 @@ One call does, with the pairs grouped by expert and experts without tokens skipp
   2. h = silu(gate x) * up x for every pair                         parallel over row ranges of F
   3. quantize h (as x, for the down projection's type)              parallel over pairs
   4. out[t] = sum_k w * down h                                      parallel over row ranges of D
+Where an expert has rows.TILE8_MIN pairs or more and its projections take 8-bit input, steps 1 and 3 also
+interleave its inputs into tiles of eight tokens (rows.py interleave8), once per call, which steps 2 and 4 dot
+(rows.py rows_dot_tiles).
 Experts with gemm.GEMM_MIN_TOKENS tokens or more (a prompt's) can instead be dequantized to bf16 and
 multiplied by torch (kernels/cpu/gemm.py, where the CPU has AMX); LayerCall splits the pairs between the two.
 Steps 2 and 4 cut the weight rows into chunks that the threads claim from a shared counter until none is

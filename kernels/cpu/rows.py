@@ -4,7 +4,9 @@ Quantized types: activations are quantized once per call to integers: 11 bits he
 (one float scale per block), with int32 sums over groups of 16 for the mins and offsets; for the K-quants 8
 bits in the same blocks (llama.cpp's Q8_K), for Q4_0 / Q5_0 / Q4_1 / Q5_1 8 bits in blocks of 32 (Q8_0). Each
 weight block is dotted with them in 256-bit integer vectors (kernels/cpu/blocks.py), the block's float scales
-applied to 8 int32 lanes, and one horizontal sum per row and token.
+applied to 8 int32 lanes, and one horizontal sum per row and token. From TILE8_MIN tokens on 8-bit input the
+lanes are eight tokens instead (rows_dot_tiles, interleave8): a row's quants, written out once as bytes, are
+broadcast to the tokens.
 F32 / F16 / BF16: a chunk of 256 values is converted to float32 and dotted in float32 with the unquantized
 activations, four tokens per pass.
 
