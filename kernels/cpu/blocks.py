@@ -422,7 +422,8 @@ def _q3_k_w(w, p, c):
 @njit(inline="always")
 def _q3_k_end(acc, a, w, p, xs, s, v, xd):
     acc = _fma(acc, a, _f16(w, p + 108, xd))
-    return _fma(acc, _madd(_q3_scales(w, p + 96), _i32x16(xs, s * xs.shape[1] + v // 16)), _f16(w, p + 108, f32(-4) * xd))
+    return _fma(acc, _madd(_q3_scales(w, p + 96), _i32x16(xs, s * xs.shape[1] + v // 16)),
+                _f16(w, p + 108, f32(-4) * xd))
 
 
 # --- the same blocks on 8-bit activations (the gate / up projections) ---------------------------------------

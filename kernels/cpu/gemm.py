@@ -51,10 +51,12 @@ i32, u32, u64, f32 = np.int32, np.uint32, np.uint64, np.float32
 GEMM_MIN_TOKENS = 32
 GEMM_MIN_CALL = 64
 # Where a layer's gate and up take 8-bit input (K-quants, rows.py BYTE_DOT32), the row kernels take tiles of
-# eight tokens (rows.py rows_dot_tiles) and beat this path up to more tokens per expert. GPU box, `bench --moe-only`, 16 threads, ms with this path
-# / without: V2-Lite at T = 512 (~48 per expert) Q4_K/Q5_0 55.5-69.6 / 51.6-52.6, Q6_K/Q8_0 55.6-57.3 /
-# 52.9-55.3, Q2_K/Q4_0 60.1-62.9 / 43.7-45.7; at T = 1024 (~96) 68.4-72.3 / 95.2-103.5, 67.2-69.5 /
-# 91.0-105.1, 62.3-78.8 / 84.9-86.3; V3 at T = 1024 (~32) Q4_K 743 / 423 (kernels/cpu/NOTES.md).
+# eight tokens (rows.py rows_dot_tiles) and beat this path up to more tokens per expert. GPU box, `bench
+# --moe-only`, 16 threads, ms with this path / without: V2-Lite at T = 512 (~48 per expert) Q4_K/Q5_0
+# 55.5-69.6 / 51.6-52.6, Q6_K/Q8_0 55.6-57.3 / 52.9-55.3, Q2_K/Q4_0 60.1-62.9 / 43.7-45.7; at T = 683 (~64)
+# about even (75.3-82.8 / 87.2-96.2, 91.4-96.8 / 87.5-94.6, 83.4-86.8 / 80.5-83.2); at T = 1024 (~96)
+# 68.4-72.3 / 95.2-103.5, 67.2-69.5 / 91.0-105.1, 62.3-78.8 / 84.9-86.3; V3 at T = 1024 (~32) Q4_K 743 / 423
+# (kernels/cpu/NOTES.md).
 GEMM_MIN_TOKENS_TILED = 64
 # Bytes of dequantized experts per group (see add_experts).
 GROUP_BYTES = 256 * 2**20

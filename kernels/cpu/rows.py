@@ -57,8 +57,8 @@ ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows 
 # (_rows_one), which shorter ones were not faster with (kernels/cpu/NOTES.md).
 PREFETCH_ROWS = 2
 PREFETCH_MAX_ROW_BYTES = 2048
-# A K-quant call on 8-bit activations with this many tokens or more takes tiles of eight (_rows_tile8): four
-# tokens in eight lanes cost about what the tiles of four they replaced did (one core, NOTES.md).
+# A call on 8-bit activations (K-quants, BYTE_DOT32) with this many tokens or more takes tiles of eight
+# (_rows_tiles): four tokens in eight lanes cost about what the tiles of four they replaced did (one core, NOTES.md).
 TILE8_MIN = 4
 
 
@@ -241,9 +241,9 @@ def interleave8(x8, xd, xs, src, i0, n_src, xt, xk, xdt, k0):
 
 def rows_dot_tiles(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
     """res[i, r - r0] = row r of expert e (GGML type t: BYTE_DOT or BYTE_DOT32) . activation row i of tiles
-    k0, k0 + 1, .. (interleave8), i < n_src: rows_dot's tiles of eight, on tokens interleaved once by the caller (moe.py
-    interleaves a layer's inputs once per call, where rows_dot would per call of its own). As in rows_dot, t
-    must be a compile-time constant in compiled code."""
+    k0, k0 + 1, .. (interleave8), i < n_src: rows_dot's tiles of eight, on tokens interleaved once by the
+    caller (moe.py interleaves a layer's inputs once per call, where rows_dot would at each of its calls). As
+    in rows_dot, t must be a compile-time constant in compiled code."""
     _TILE_KERNELS[int(t)](w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
 
 
@@ -403,20 +403,24 @@ def _tiles_q4_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
     _rows_tiles(_unpack8, _tile8, _q4_k_u8, _q4_k_t8, 8, 144, 256, w, e, r0, r1, xt, xk, xdt, k0, n_src,
                 res)
 
+
 @njit(cache=True, nogil=True)
 def _tiles_q5_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
     _rows_tiles(_unpack8, _tile8, _q5_k_u8, _q5_k_t8, 8, 176, 256, w, e, r0, r1, xt, xk, xdt, k0, n_src,
                 res)
+
 
 @njit(cache=True, nogil=True)
 def _tiles_q6_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
     _rows_tiles(_unpack8, _tile8, _q6_k_u8, _q6_k_t8, 16, 210, 256, w, e, r0, r1, xt, xk, xdt, k0, n_src,
                 res)
 
+
 @njit(cache=True, nogil=True)
 def _tiles_q2_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
     _rows_tiles(_unpack8, _tile8, _q2_k_u8, _q2_k_t8, 16, 84, 256, w, e, r0, r1, xt, xk, xdt, k0, n_src,
                 res)
+
 
 @njit(cache=True, nogil=True)
 def _tiles_q3_k(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
@@ -463,13 +467,16 @@ def _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
 def _tiles_q4_0(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
     _rows_tiles(_unpack32, _tile8_32, _q4_0_b, _d32_t32, 1, 18, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
 
+
 @njit(cache=True, nogil=True)
 def _tiles_q5_0(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
     _rows_tiles(_unpack32, _tile8_32, _q5_0_b, _d32_t32, 0, 22, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
 
+
 @njit(cache=True, nogil=True)
 def _tiles_q4_1(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
     _rows_tiles(_unpack32, _tile8_32, _q4_1_b, _dm32_t32, -1, 20, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
 
 @njit(cache=True, nogil=True)
 def _tiles_q5_1(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
