@@ -325,7 +325,8 @@ _offset = _op("_offset", I32, _offset_ir, (0,))
 
 # int32 and float32 lanes
 _madd = _op("_madd", I32, lambda c, b, sig, x, y: _madd_ir(b, x, y))
-_dot = _op("_dot", I32, lambda c, b, sig, acc, x, y: b.add(acc, _madd_ir(b, x, y)))   # acc + pmaddwd(x, y)
+_dot = _op("_dot", I32, lambda c, b, sig, acc, x, y: b.add(acc, _madd_ir(b, b.bitcast(x, _V16),   # acc + pmaddwd(x, y)
+                                                                        b.bitcast(y, _V16))))
 _sum = _op("_sum", I32, lambda c, b, sig, x, y: b.add(x, y))
 _zero_i32 = _op("_zero_i32", I32, lambda c, b, sig: _vec(_V8I, 0))
 _zero = _op("_zero", FV, lambda c, b, sig: _vec(_V8F, 0.0))
@@ -581,20 +582,6 @@ def _block1_32(b8, end, shift, acc, w, p, x8, xo, s, v, xd):
 
 
 @njit(inline="always")
-def _block4_32(b8, end, shift, acc0, acc1, acc2, acc3, w, p, x8, xo, s0, s1, s2, s3, v, xd0, xd1, xd2, xd3):
-    """_block1_32 for rows s0..s3, the block's bytes made once."""
-    q, D, W, o = b8(w, p), x8.shape[1], xo.shape[1], v >> 2
-    a0 = _dpbusd(_start32(xo, s0 * W + o, shift), q, x8, s0 * D + v)
-    a1 = _dpbusd(_start32(xo, s1 * W + o, shift), q, x8, s1 * D + v)
-    a2 = _dpbusd(_start32(xo, s2 * W + o, shift), q, x8, s2 * D + v)
-    a3 = _dpbusd(_start32(xo, s3 * W + o, shift), q, x8, s3 * D + v)
-    return (end(acc0, a0, w, p, xo, s0, v, xd0), end(acc1, a1, w, p, xo, s1, v, xd1),
-            end(acc2, a2, w, p, xo, s2, v, xd2), end(acc3, a3, w, p, xo, s3, v, xd3))
-
-
-# --- drivers: one block with one token, or with a tile of four sharing each unpacked chunk --------------------
-
-@njit(inline="always")
 def _block1(chunk, end, n, acc, w, p, x16, xs, s, v, xd):
     """acc (8 f32 lanes) + the block at byte p (n chunks of 16 values) . values v.. of activation row s."""
     x = s * x16.shape[1] + v
@@ -643,7 +630,7 @@ def _block1_8(u8, end, m8, acc, w, p, x8, xs, s, v, xd):
     return end(acc, a, w, p, xs, s, v, xd)
 
 
-# --- tiles of eight tokens whose lanes are the tokens (rows.py _rows_tile8) -----------------------------------
+# --- tiles of eight tokens whose lanes are the tokens (rows.py _rows_tiles) -----------------------------------
 # With four tokens or more, a K-quant row is first written out once: its quants as unsigned bytes (one per
 # value), its sub-block scales as floats (d * sc), and the int16 multipliers of its 16-value activation sums
 # (mins or offsets) with their float factor. The tokens' 8-bit activations are interleaved once per call, eight
@@ -669,8 +656,6 @@ _splat32 = _op("_splat32", I32, lambda c, b, sig, a, i: _splat(b, _load(c, b, si
 _v8i = _op("_v8i", I32, lambda c, b, sig, a, i: _load(c, b, sig, a, i, _V8I), (0,))
 _v8f = _op("_v8f", FV, lambda c, b, sig, a, i: _load(c, b, sig, a, i, _V8F), (0,))
 _vnni = _op("_vnni", I32, lambda c, b, sig, acc, u, s: _vnni_ir(b, acc, u, s))
-_madd_to = _op("_madd_to", I32, lambda c, b, sig, acc, x, y: b.add(acc, _madd_ir(b, b.bitcast(x, _V16),
-                                                                                 b.bitcast(y, _V16))))
 _float = _op("_float", FV, lambda c, b, sig, a: b.sitofp(a, _V8F))
 _fsplat = _op("_fsplat", FV, lambda c, b, sig, f: _splat(b, f, _V8F))
 _mul_add = _op("_mul_add", FV, lambda c, b, sig, acc, x, y: b.fadd(acc, b.fmul(x, y, flags=["contract"]),
@@ -744,7 +729,7 @@ def _tile8(n_sub, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd)
     a, b = _zero_i32(), _zero_i32()
     for q in range(8):
         x = _v8i(xk, 8 * (8 * blk + q))
-        a, b = _madd_to(a, x, _splat32(ka, 8 * blk + q)), _madd_to(b, x, _splat32(kb, 8 * blk + q))
+        a, b = _dot(a, x, _splat32(ka, 8 * blk + q)), _dot(b, x, _splat32(kb, 8 * blk + q))
     ga = _mul_add(ga, _float(a), _fsplat(ma[blk]))
     gb = _mul_add(gb, _float(b), _fsplat(mb[blk]))
     d = _v8f(xd, 8 * blk)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import overload, register_jitable
 
 from dslocal.kernels.cpu.blocks import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
                                         _block1, _block4, _d_end, _dm_end, _hsum, _q2_k_end, _q2_k_w, _q3_k_end,
                                         _q3_k_w, _q4_0_w, _q4_1_w, _q4_k_end, _q4_k_w, _q5_0_w, _q5_1_w, _q5_k_end,
                                         _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero,
                                         _block1_8, _q2_k_m8, _q2_k_u8, _q3_k_m8, _q3_k_u8, _q4_k_m8,
-                                        _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8, _block1_32, _block4_32,
+                                        _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8, _block1_32,
                                         _q4_0_b, _q5_0_b, _q4_1_b, _q5_1_b, _dm32_end, _lane_f, _q2_k_t8, _q3_k_t8,
                                         _q4_k_t8, _q5_k_t8, _q6_k_t8, _tile8, _unpack8, _d32_t32, _dm32_t32,
                                         _tile8_32, _unpack32)
@@ -185,19 +185,26 @@ def _rows(chunk, end, n_bytes, n_values, w, e, r0, r1, src, n_src, x16, xd, xs, 
 
 @njit(inline="always")
 def _rows8(u8, m8, end, tiles, n_bytes, w, e, r0, r1, src, n_src, x8, xd, xs, res):
-    """The same for a K-quant on activations in 8 bits: TILE8_MIN tokens or more interleaved here and dotted
-    in tiles of eight (tiles: the type's compiled `_tiles_<type>`), fewer one at a time (blocks.py `_block1_8`;
-    a single token's long rows in streams)."""
+    """The same for a K-quant on activations in 8 bits (_rows_bytes with blocks.py `_block1_8`)."""
+    _rows_bytes(_block1_8, u8, end, m8, tiles, n_bytes, 256, QB, w, e, r0, r1, src, n_src, x8, xd, xs, res)
+
+
+@njit(inline="always")
+def _rows_bytes(block1, f, end, g, tiles, n_bytes, n_values, per, w, e, r0, r1, src, n_src, x8, xd, xs, res):
+    """A type's rows on 8-bit activations (a scale per `per` values): TILE8_MIN tokens or more interleaved here
+    and dotted in tiles of eight (tiles: the type's compiled `_tiles_<type>`), fewer one at a time with
+    block1(f, end, g, ..), a single token's long rows in streams."""
     if n_src >= TILE8_MIN:
-        xt, xk, xdt = tile_buffers((n_src + 7) // 8, x8.shape[1], QB)
+        xt, xk, xdt = tile_buffers((n_src + 7) // 8, x8.shape[1], per)
         interleave8(x8, xd, xs, src, 0, n_src, xt, xk, xdt, 0)
         tiles(w, e, r0, r1, xt, xk, xdt, 0, n_src, res)
     elif n_src == 1 and w.shape[2] >= PREFETCH_MAX_ROW_BYTES:
-        _rows_one(_block1_8, u8, end, m8, n_bytes, 256, QB, w, e, r0, r1, src[0], x8, xd, xs, res)
+        _rows_one(block1, f, end, g, n_bytes, n_values, per, w, e, r0, r1, src[0], x8, xd, xs, res)
     else:
-        _rows_each(_block1_8, u8, end, m8, n_bytes, 256, QB, w, e, r0, r1, r0, r1, 0, src, n_src, x8, xd, xs, res)
+        _rows_each(block1, f, end, g, n_bytes, n_values, per, w, e, r0, r1, r0, r1, 0, src, n_src, x8, xd, xs, res)
 
 
+@register_jitable
 def tile_shapes(n_tiles: int, d: int, per: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Shapes of xt (int32), xk (int32), xdt (f32) (see interleave8) for n_tiles tiles of eight activation rows
     of d values with a scale per `per` values (QB, or 32 for quantize_row32's form)."""
@@ -207,8 +214,8 @@ def tile_shapes(n_tiles: int, d: int, per: int) -> tuple[tuple[int, int], tuple[
 @njit(cache=True, nogil=True)
 def tile_buffers(n_tiles, d, per):
     """Empty xt, xk, xdt of tile_shapes(n_tiles, d, per), for compiled callers."""
-    return (np.empty((n_tiles, 2 * d), np.int32), np.empty((n_tiles, d // 4), np.int32),
-            np.empty((n_tiles, -(-d // per) * 8), np.float32))
+    st, sk, sd = tile_shapes(n_tiles, d, per)
+    return np.empty(st, np.int32), np.empty(sk, np.int32), np.empty(sd, np.float32)
 
 
 @njit(cache=True, nogil=True)
@@ -303,9 +310,9 @@ def _rows_by(block1, block4, f, end, g, n_bytes, n_values, per, w, e, r0, r1, sr
     Tokens loop inside rows: the row stays in L1 while the activations (4 KB per token per 2048 values) come
     from L2. Four tokens at a time share each unpacked block; the rest go one by one, even and odd blocks
     into two float accumulators: K-quants 5-20 % faster on one Zen 4 core than with one (NOTES.md).
-    _rows and the 32-value types' 8-bit path go through _rows_streamed, which reads a single token's long rows
-    in streams instead; a K-quant's int16 path (moe.py uses it only with GATE_UP_8BIT / DOWN_8BIT off) comes
-    here directly, its 8-bit path (_rows8) takes tiles of eight instead."""
+    _rows goes through _rows_streamed, which reads a single token's long rows in streams instead; a K-quant's
+    int16 path (moe.py uses it only with GATE_UP_8BIT / DOWN_8BIT off) comes here directly; the 8-bit paths
+    (_rows_bytes) take tiles of eight instead."""
     R, row_bytes = w.shape[1], w.shape[2]
     n_blocks, per_scale = row_bytes // n_bytes, u64(per // n_values)
     for b0 in range(r0, r1, ROW_BLOCK):
@@ -485,16 +492,11 @@ def _tiles_q5_1(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
 
 @njit(inline="always")
 def _rows_32(chunk, b8, end, end8, shift, tiles, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    """A 32-value type's rows on x in 8 bits when x8q holds it in blocks of 32 (quantize_row32): TILE8_MIN
-    tokens or more in tiles of eight (tiles: the type's `_tiles_<type>`); else on x16."""
+    """A 32-value type's rows on x in 8 bits when x8q holds it in blocks of 32 (quantize_row32: _rows_bytes
+    with blocks.py `_block1_32`), else on x16."""
     x8, xd8, xo8 = x8q
-    if x8.shape[0] and in_blocks_of_32(x8, xd8) and n_src >= TILE8_MIN:
-        xt, xk, xdt = tile_buffers((n_src + 7) // 8, x8.shape[1], 32)
-        interleave8(x8, xd8, xo8, src, 0, n_src, xt, xk, xdt, 0)
-        tiles(w, e, r0, r1, xt, xk, xdt, 0, n_src, res)
-    elif x8.shape[0] and in_blocks_of_32(x8, xd8):
-        _rows_streamed(_block1_32, _block4_32, b8, end8, shift, n_bytes, 32, 32, w, e, r0, r1, src, n_src, x8, xd8,
-                       xo8, res)
+    if x8.shape[0] and in_blocks_of_32(x8, xd8):
+        _rows_bytes(_block1_32, b8, end8, shift, tiles, n_bytes, 32, 32, w, e, r0, r1, src, n_src, x8, xd8, xo8, res)
     else:
         _rows(chunk, end, n_bytes, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
