@@ -7,10 +7,12 @@ machine's measured DRAM read bandwidth, with the same layer in torch on bf16 wei
 Weights are random blocks held in memory (not a file): a tile of quantized Gaussian rows repeated over
 every expert. A real model has tens of MoE layers, so no decode step finds experts in the last-level
 cache; here a layer smaller than 1.2 GB (three times the largest LLC seen, 300 MB on the GPU box) gets
-copies, and calls take the copies in turn. Routing is uniform; decode (T = 1) walks the experts in a fixed
-random order. "GB read" counts each distinct expert of a call once (the bytes
-the kernel must stream); the V2-Lite down projection takes llama-quantize's fallback type, since rows of 1408
-are not whole 256-value super-blocks. For T = 512 the table also gives the time of the same 512 tokens as
+copies, and calls take the copies in turn. Each copy is called as the decode step's CPU worker calls a
+layer: a moe.py LayerCall built once on fixed input buffers, the router's choices written into them per
+call; T = 1 is also timed through moe_ffn, which checks its inputs and allocates its scratch per call.
+Routing is uniform; decode (T = 1) walks the experts in a fixed random order. "GB read" counts each distinct
+expert of a call once (the bytes the kernel must stream); the V2-Lite down projection takes llama-quantize's
+fallback type, since rows of 1408 are not whole 256-value super-blocks. For T = 512 the table also gives the time of the same 512 tokens as
 64 separate T = 8 calls, and how many times faster per token the single call is.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from dslocal.bench.dram import read_bandwidth
 from dslocal.kernels.cpu import gemm
-from dslocal.kernels.cpu.moe import moe_ffn
+from dslocal.kernels.cpu.moe import LayerCall, moe_ffn
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import TYPE_INFO, GGMLType, parse_type
 from dslocal.quant.quantize import quantize
@@ -72,16 +74,35 @@ def routes(T: int, shape: dict, n_calls: int, rng) -> list[np.ndarray]:
     return [rng.random((T, E)).argsort(axis=1)[:, :K] for _ in range(n_calls)]
 
 
-def time_calls(run, ids_list, x, w) -> tuple[float, float]:
-    """Median seconds per call and mean distinct experts per call; the first two calls only warm up."""
-    run(x, ids_list[0], w)
-    run(x, ids_list[1], w)
-    times = []
-    for ids in ids_list[2:]:
+class FixedCalls:
+    """A LayerCall per layer copy on shared input buffers of T tokens, the copies called in turn: inputs
+    are copied into the buffers (x only when it is another array than the buffer it was built on)."""
+
+    def __init__(self, layers: list[ExpertTensors], x: np.ndarray, K: int):
+        self.x, self.ids, self.w = x, np.zeros((x.shape[0], K), np.int64), np.zeros((x.shape[0], K), np.float32)
+        self.calls = [LayerCall(self.x, self.ids, self.w, ex) for ex in layers]
+        self.n = 0
+
+    def __call__(self, x, ids, w):
+        if x is not self.x:
+            self.x[:] = x
+        self.ids[:], self.w[:] = ids, w
+        self.n += 1
+        return self.calls[self.n % len(self.calls)]()
+
+
+def time_calls(runs, ids_list, x, w) -> tuple[list[float], float]:
+    """Median seconds per call of each of the runs, which take the calls in turn (each its own routes, so
+    none finds another's experts in the cache, and a slow spell of a shared machine falls on all), and mean
+    distinct experts per call; the first two calls only warm up."""
+    runs[0](x, ids_list[0], w)
+    runs[-1](x, ids_list[1], w)
+    times = [[] for _ in runs]
+    for i, ids in enumerate(ids_list[2:]):
         t0 = time.perf_counter()
-        run(x, ids, w)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), float(np.mean([len(np.unique(i)) for i in ids_list[2:]]))
+        runs[i % len(runs)](x, ids, w)
+        times[i % len(runs)].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times], float(np.mean([len(np.unique(i)) for i in ids_list[2:]]))
 
 
 def n_calls_for(T: int) -> int:
@@ -96,25 +117,30 @@ def bench_quant(shape_name: str, t: GGMLType, tokens: list[int], dram: float, rn
     ex = layers[0]
     types = f"{ex.gate_type.name}/{ex.down_type.name}" if ex.down_type != ex.gate_type else ex.gate_type.name
     calls = iter(range(1 << 60))
-    run = lambda x, ids, w: moe_ffn(x, ids, w, layers[next(calls) % n_copies])   # noqa: E731
     rows = []
     for T in tokens:
         x = rng.standard_normal((T, shape["D"]), dtype=np.float32)
         w = rng.random((T, shape["K"]), dtype=np.float32)
-        ids_list = routes(T, shape, n_calls_for(T), rng)
-        sec, n_exp = time_calls(run, ids_list, x, w)
-        row = _row(shape_name, "dslocal", types, T, sec, n_exp * ex.expert_bytes(), dram)
+        runs = [FixedCalls(layers, x, shape["K"])]
+        if T == 1:
+            runs.append(lambda x, ids, w: moe_ffn(x, ids, w, layers[next(calls) % n_copies]))
+        ids_list = routes(T, shape, n_calls_for(T) * len(runs), rng)
+        sec, n_exp = time_calls(runs, ids_list, x, w)
+        row = _row(shape_name, "dslocal", types, T, sec[0], n_exp * ex.expert_bytes(), dram)
         row["layer_copies"] = n_copies
+        if T == 1:
+            row["moe_ffn_ms"] = 1e3 * sec[1]
         if T == 512:
             # the same tokens as 64 calls of 8 (their times added up)
-            ids = ids_list[-1]
+            ids, run = ids_list[-1], FixedCalls(layers, np.empty((8, shape["D"]), np.float32), shape["K"])
+            run(x[:8], ids[:8], w[:8])
             per = []
             for i in range(0, T, 8):
                 t0 = time.perf_counter()
                 run(x[i:i + 8], ids[i:i + 8], w[i:i + 8])
                 per.append(time.perf_counter() - t0)
             row["t8x64_ms"] = 1e3 * sum(per)
-            row["speedup_vs_t8x64"] = sum(per) / sec
+            row["speedup_vs_t8x64"] = sum(per) / sec[0]
         rows.append(row)
         _print_row(row)
     return rows
@@ -144,7 +170,7 @@ def bench_torch(shape_name: str, tokens: list[int], dram: float, rng) -> list[di
     for T in tokens:
         x = rng.standard_normal((T, D), dtype=np.float32)
         w = rng.random((T, shape["K"]), dtype=np.float32)
-        sec, n_exp = time_calls(run, routes(T, shape, max(4, n_calls_for(T) // 2), rng), x, w)
+        (sec,), n_exp = time_calls([run], routes(T, shape, max(4, n_calls_for(T) // 2), rng), x, w)
         rows.append(_row(shape_name, "torch", "BF16", T, sec, n_exp * expert_bytes, dram))
         _print_row(rows[-1])
     del gate, up, down
@@ -157,11 +183,13 @@ def _row(shape, impl, types, T, sec, nbytes, dram) -> dict:
 
 
 HEADER = (f"{'shape':<8} {'impl':<8} {'types':<10} {'T':>4} {'ms':>9} {'tok/s':>9} {'GB read':>8} {'GB/s':>7} "
-          f"{'%DRAM':>6}  {'64xT=8 ms':>10} {'speedup':>7}")
+          f"{'%DRAM':>6}  {'64xT=8 ms':>10} {'speedup':>7}  {'moe_ffn ms':>10}")
 
 
 def _print_row(r: dict) -> None:
     extra = f"  {r['t8x64_ms']:>10.1f} {r['speedup_vs_t8x64']:>6.2f}x" if "t8x64_ms" in r else ""
+    if "moe_ffn_ms" in r:
+        extra = f"  {'':>10} {'':>7}  {r['moe_ffn_ms']:>10.3f}"
     print(f"{r['shape']:<8} {r['impl']:<8} {r['types']:<10} {r['T']:>4} {r['ms']:>9.3f} {r['tokens_per_s']:>9.1f} "
           f"{r['GB_read']:>8.3f} {r['GB_per_s']:>7.1f} {100 * r['frac_dram']:>5.1f}%{extra}", flush=True)
 

@@ -269,6 +269,7 @@ _and = _op("_and", I16, lambda c, b, sig, v, k: b.and_(v, _splat(b, _as_i16(b, k
 _shr = _op("_shr", I16, lambda c, b, sig, v, n: b.lshr(v, _splat(b, _as_i16(b, n), _V16)))
 _shl = _op("_shl", I16, lambda c, b, sig, v, n: b.shl(v, _splat(b, _as_i16(b, n), _V16)))
 _or = _op("_or", I16, lambda c, b, sig, x, y: b.or_(x, y))
+_xor = _op("_xor", I16, lambda c, b, sig, v, k: b.xor(v, _splat(b, _as_i16(b, k), _V16)))
 _add = _op("_add", I16, lambda c, b, sig, x, y: b.add(x, y))
 _mul = _op("_mul", I16, lambda c, b, sig, x, y: b.mul(x, y))
 _fill = _op("_fill", I16, lambda c, b, sig, k: _splat(b, _as_i16(b, k), _V16))
@@ -312,16 +313,9 @@ def _hi32_ir(c, b, sig, a, i):
     return b.bitcast(b.select(bits, _vec(v32, 16), _vec(v32, 0)), _V16)
 
 
-def _offset_ir(c, b, sig, a, i, shift):
-    """The 8 int32 at flat element i of a, shifted right (arithmetic) by shift."""
-    v = _load(c, b, sig, a, i, _V8I)
-    return b.ashr(v, _splat(b, b.trunc(shift, _i32), _V8I))
-
-
 _dpbusd = _op("_dpbusd", I32, _dpbusd_ir, (2,))
 _nib32 = _op("_nib32", I16, _nib32_ir, (0,))
 _hi32 = _op("_hi32", I16, _hi32_ir, (0,))
-_offset = _op("_offset", I32, _offset_ir, (0,))
 
 # int32 and float32 lanes
 _madd = _op("_madd", I32, lambda c, b, sig, x, y: _madd_ir(b, x, y))
@@ -535,9 +529,10 @@ def _q5_1_w(w, p, c):
 # --- the 32-value types on 8-bit activations in blocks of 32 (llama.cpp's Q8_0 input for these types) --------
 # x8 int8 (N, D), one float scale per 32 values (xd (N, D // 32)), and xo int32 (N, D // 4): per block the 8
 # lanes (-16 * the block's sum of x8, 0, .., 0) (rows.py quantize_row32). A block's 32 quants go in as unsigned
-# bytes (`_<type>_b`), and one vpdpbusd dots them with x8. Q4_0 / Q5_0: the int32 sum starts from the offset
-# lanes, sum_l (q_l - 16) x_l = sum_l q_l x_l - 16 sum_l x_l for Q5_0, Q4_0's -8 those lanes shifted right by
-# one. Q4_1 / Q5_1 (shift -1: the sum starts at zero): the min times the same lanes, in float (`_dm32_end`).
+# bytes (`_<type>_b`), and one vpdpbusd dots them with x8. A type's unsigned quants are its values plus `zero`
+# (Q4_0 8, Q5_0 16, Q8_0 128), so the int32 sum starts from -zero * the block's sum of x8, which the offset
+# lanes give by an exact shift (`_from_offset`): sum_l (q_l - 16) x_l = sum_l q_l x_l - 16 sum_l x_l for Q5_0.
+# Q4_1 / Q5_1 (zero 0: the sum starts at zero): the min times the same lanes, in float (`_dm32_end`).
 
 @njit(inline="always")
 def _q4_0_b(w, p):
@@ -560,9 +555,26 @@ def _q5_1_b(w, p):
 
 
 @njit(inline="always")
-def _start32(xo, i, shift):
-    """The int32 lanes a block's dot starts from: the offset lanes at flat i of xo >> shift, or zeros (-1)."""
-    return _offset(xo, i, shift) if shift >= 0 else _zero_i32()
+def _q8_0_b(w, p):
+    # Q8_0's int8 quants plus 128 (its tiles of eight only: its rows take x in 11 bits, rows.py)
+    return _xor(_i16x16(w, p + 2), 0x8080)
+
+
+@njit(inline="always")
+def _from_offset(o, zero):
+    """-zero * a block's sum of x8 (zero 8, 16 or 128) from its offset lanes o, which hold -16 * that sum."""
+    if zero == 8:
+        return _sar(o, 1)
+    if zero == 128:
+        return _sal(o, 3)
+    return o
+
+
+@njit(inline="always")
+def _start32(xo, i, zero):
+    """The int32 lanes a block's dot starts from: -zero * its sum of x8 from the offset lanes at flat i of xo,
+    or zeros (zero 0: a type with a min)."""
+    return _from_offset(_v8i(xo, i), zero) if zero else _zero_i32()
 
 
 @njit(inline="always")
@@ -570,14 +582,14 @@ def _dm32_end(acc, a, w, p, xo, s, v, xd):
     """Q4_1 / Q5_1 on 8-bit input: d @0 times the int32 lanes, and the min m @2 times the block's sum of x8,
     which the offset lanes hold times -16 (exact: a power of two)."""
     acc = _fma(acc, a, _f16(w, p, xd))
-    return _fma(acc, _offset(xo, s * xo.shape[1] + (v >> 2), 0), _f16(w, p + 2, xd * f32(-1 / 16)))
+    return _fma(acc, _v8i(xo, s * xo.shape[1] + (v >> 2)), _f16(w, p + 2, xd * f32(-1 / 16)))
 
 
 @njit(inline="always")
-def _block1_32(b8, end, shift, acc, w, p, x8, xo, s, v, xd):
-    """acc + the 32-value block at byte p (its bytes from b8; shift 1 for Q4_0, 0 for Q5_0, -1 for the types
-    with a min) . values v.. of activation row s in 8 bits (xd: that block's scale)."""
-    a = _dpbusd(_start32(xo, s * xo.shape[1] + (v >> 2), shift), b8(w, p), x8, s * x8.shape[1] + v)
+def _block1_32(b8, end, zero, acc, w, p, x8, xo, s, v, xd):
+    """acc + the 32-value block at byte p (its bytes from b8: the values + zero, 0 for the types with a min)
+    . values v.. of activation row s in 8 bits (xd: that block's scale)."""
+    a = _dpbusd(_start32(xo, s * xo.shape[1] + (v >> 2), zero), b8(w, p), x8, s * x8.shape[1] + v)
     return end(acc, a, w, p, xo, s, v, xd)
 
 
@@ -662,6 +674,7 @@ _mul_add = _op("_mul_add", FV, lambda c, b, sig, acc, x, y: b.fadd(acc, b.fmul(x
                                                                    flags=["contract"]))
 _times = _op("_times", FV, lambda c, b, sig, x, y: b.fmul(x, y))
 _sar = _op("_sar", I32, lambda c, b, sig, v, n: b.ashr(v, _splat(b, b.trunc(n, _i32), _V8I)))
+_sal = _op("_sal", I32, lambda c, b, sig, v, n: b.shl(v, _splat(b, b.trunc(n, _i32), _V8I)))
 _lane_f = _op("_lane_f", types.float32, lambda c, b, sig, v, k: b.extract_element(v, k))
 # int16 lanes 8h .. 8h + 7 as floats
 _half_f = _op("_half_f", FV, lambda c, b, sig, v, h: b.sitofp(b.sext(b.select(
@@ -738,8 +751,9 @@ def _tile8(n_sub, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd)
 
 # The 32-value types the same way, on 8-bit input in blocks of 32 (rows.py quantize_row32): a block is 32
 # bytes of quants (`_<type>_b`, above), its d and, for Q4_1 / Q5_1, its min (`_<type>_t32`); the tile's xk
-# holds, per block and token, -16 times the block's sum of x8, from which the dot starts (Q4_0's -8: shifted
-# right by one; Q5_0's -16 as it is) or which the min multiplies (shift -1), as in `_block1_32`.
+# holds, per block and token, -16 times the block's sum of x8, from which the dot starts (-zero times the sum:
+# `_from_offset`) or which the min multiplies (zero 0), as in `_block1_32`. Q8_0 too (zero 128), whose tiles
+# take x in 8 bits while its rows take 11.
 
 @njit(inline="always")
 def _d32_t32(w, p):
@@ -752,7 +766,7 @@ def _dm32_t32(w, p):
 
 
 @njit(inline="always")
-def _unpack32(b8, t32, shift, w, p, blk, wq, ws, wk, wm):
+def _unpack32(b8, t32, zero, w, p, blk, wq, ws, wk, wm):
     """The 32-value block at byte p of w as block blk of a row's scratch (the layout of _unpack8): wq uint8
     [32 blk ..] its quants, one byte each; ws f32 [blk] its d; wm f32 [blk] its min / -16 (0: no min)."""
     _put(wq, 32 * blk, b8(w, p))
@@ -762,11 +776,11 @@ def _unpack32(b8, t32, shift, w, p, blk, wq, ws, wk, wm):
 
 
 @njit(inline="always")
-def _tile8_32(shift, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd):
+def _tile8_32(zero, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd):
     """_tile8 for block blk (32 values) of two rows of a 32-value type: xk int32 [8 blk + t] token t's -16 *
     the block's sum of x8, xd f32 [8 blk + t] its scale."""
     o = _v8i(xk, 8 * blk)
-    a = _sar(o, shift) if shift >= 0 else _zero_i32()
+    a = _from_offset(o, zero) if zero else _zero_i32()
     b = a
     for g in range(8):
         i = 8 * blk + g
@@ -775,7 +789,7 @@ def _tile8_32(shift, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, 
     d = _v8f(xd, 8 * blk)
     acc_a = _mul_add(acc_a, _float(a), _times(d, _fsplat(sa[blk])))
     acc_b = _mul_add(acc_b, _float(b), _times(d, _fsplat(sb[blk])))
-    if shift < 0:
+    if not zero:
         o = _float(o)
         acc_a = _mul_add(acc_a, o, _times(d, _fsplat(ma[blk])))
         acc_b = _mul_add(acc_b, o, _times(d, _fsplat(mb[blk])))

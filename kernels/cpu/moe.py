@@ -8,7 +8,8 @@ One call does, with the pairs grouped by expert and experts without tokens skipp
   2. h = silu(gate x) * up x for every pair                         parallel over row ranges of F
   3. quantize h (as x, for the down projection's type)              parallel over pairs
   4. out[t] = sum_k w * down h                                      parallel over row ranges of D
-Where an expert has rows.TILE8_MIN pairs or more and its projections take 8-bit input, steps 1 and 3 also
+Where an expert has rows.TILE8_MIN pairs or more and its projections have tiles (rows.TILED: those on 8-bit
+input, and Q8_0, whose tiles take its input in 8 bits beside the 11 of its rows), steps 1 and 3 also
 interleave its inputs into tiles of eight tokens (rows.py interleave8), once per call, which steps 2 and 4 dot
 (rows.py rows_dot_tiles).
 Experts with gemm.GEMM_MIN_TOKENS tokens or more (a prompt's) can instead be dequantized to bf16 and
@@ -42,7 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from dslocal.kernels.cpu import gemm
-from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, QB, TILE8_MIN, XMAX8, activation_shapes,
+from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, QB, TILE8_MIN, TILED, XMAX8, activation_shapes,
                                       activation_shapes32, in_blocks_of_32, interleave8, quantize_row, quantize_row32,
                                       rows_dot, rows_dot_tiles, tile_shapes)
 from dslocal.kernels.experts import ExpertTensors
@@ -164,7 +165,7 @@ def _rows_or_tiles(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q, tiles, k0)
 def _rows_or_tiles_typed(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q, tiles, k0):
     if not isinstance(t, types.IntegerLiteral):
         return None
-    if t.literal_value in BYTE_DOT or t.literal_value in BYTE_DOT32:
+    if t.literal_value in TILED:
         def impl(t, w, e, r0, r1, src, n, x16, xd, xs, x, res, x8q, tiles, k0):
             if k0 >= 0:
                 rows_dot_tiles(t, w, e, r0, r1, tiles[0], tiles[1], tiles[2], k0, n, res)
@@ -410,25 +411,29 @@ class LayerCall:
         self._types = int(experts.gate_type), int(experts.up_type), int(experts.down_type)
         self._layer, self._synced = _for_types(*self._types)
         # x in 8 bits where a gate / up projection is a K-quant (its loops multiply bytes; or in blocks of 32
-        # where both are BYTE_DOT32 types), in 11 bits where one takes neither: a buffer of no rows is not filled
+        # where both are BYTE_DOT32 types), in 11 bits where one takes neither: a buffer of no rows is not filled.
+        # Tiles of eight (below) where both take them in one form; Q8_0's in blocks of 32 beside its x16.
         forms = [_input_form(t, GATE_UP_8BIT) for t in (experts.gate_type, experts.up_type)]
-        form8 = "k8" if "k8" in forms else "b32" if "b32" in forms else None
+        tiles = [_tile_form(t, GATE_UP_8BIT) for t in (experts.gate_type, experts.up_type)]
+        tile_form = tiles[0] if tiles[0] == tiles[1] and T >= TILE8_MIN else None
+        form8 = "k8" if "k8" in forms else "b32" if "b32" in forms else tile_form
         n8, n16 = T if form8 else 0, 0 if form8 and all(f == form8 for f in forms) else T
         # h, the down projection's input, likewise: silu(g) * u is heavy-tailed, and 11 bits cut its
         # rounding error ~65-fold against 8 in blocks of 256 (rows.py), but the K-quants' own rounding of the
         # weights is ~20-300x larger still (NSE 0.02-0.3 against a layer's 2-5e-4), and bytes take fewer
         # instructions; Q4_0 / Q5_0 / Q4_1 / Q5_1 take it in 8 bits in blocks of 32 (layer NSE 1.1-1.9e-4)
         h_form = _input_form(experts.down_type, DOWN_8BIT)
-        p8, p16 = (P, 0) if h_form else (0, P)
+        h_tile = _tile_form(experts.down_type, DOWN_8BIT) if T >= TILE8_MIN else None
+        p8, p16 = P if h_form or h_tile else 0, 0 if h_form else P
         # projections on 8-bit input take experts with TILE8_MIN pairs or more in tiles of eight (rows.py
         # rows_dot_tiles): at most P / 8 full tiles plus one partial per such expert, none below TILE8_MIN tokens
         # (numpy allocates them: moe_ffn builds a LayerCall per call)
         n_tiles = P // 8 + min(experts.n_expert, P // TILE8_MIN) if T >= TILE8_MIN else 0
-        self._tiled = form8 is not None and n16 == 0
+        self._tiled = tile_form is not None and tile_form == form8
         x_tiles = _tiles(n_tiles if self._tiled else 0, D, 32 if form8 == "b32" else QB)
-        h_tiles = _tiles(n_tiles if h_form else 0, F, 32 if h_form == "b32" else QB)
+        h_tiles = _tiles(n_tiles if h_tile else 0, F, 32 if h_tile == "b32" else QB)
         self._scratch = (_activations(n8, D, np.int8, form8), *_activations(n16, D, np.int16),
-                         np.empty((P, F), np.float32), _activations(p8, F, np.int8, h_form),
+                         np.empty((P, F), np.float32), _activations(p8, F, np.int8, h_form or h_tile),
                          *_activations(p16, F, np.int16), out_n, x_tiles, h_tiles)
 
     def __call__(self) -> np.ndarray:
@@ -477,6 +482,12 @@ def _input_form(t: int, on: bool):
     if on and t in BYTE_DOT:
         return "k8"
     return "b32" if on and t in BYTE_DOT32 else None
+
+
+def _tile_form(t: int, on: bool):
+    """The form of a projection's input in tiles of eight (rows.py TILED): its 8-bit form, Q8_0's "b32"
+    (where `on`), or None: no tiles."""
+    return _input_form(t, on) or ("b32" if on and t == GGMLType.Q8_0 else None)
 
 
 def _activations(n: int, d: int, dtype, form=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -25,8 +25,8 @@ from dslocal.kernels.cpu.blocks import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, 
                                         _q5_k_w, _q6_k_end, _q6_k_w, _q8_0_w, _prefetch, _zero,
                                         _block1_8, _q2_k_m8, _q2_k_u8, _q3_k_m8, _q3_k_u8, _q4_k_m8,
                                         _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8, _block1_32,
-                                        _q4_0_b, _q5_0_b, _q4_1_b, _q5_1_b, _dm32_end, _lane_f, _q2_k_t8, _q3_k_t8,
-                                        _q4_k_t8, _q5_k_t8, _q6_k_t8, _tile8, _unpack8, _d32_t32, _dm32_t32,
+                                        _q4_0_b, _q5_0_b, _q4_1_b, _q5_1_b, _q8_0_b, _dm32_end, _lane_f, _q2_k_t8,
+                                        _q3_k_t8, _q4_k_t8, _q5_k_t8, _q6_k_t8, _tile8, _unpack8, _d32_t32, _dm32_t32,
                                         _tile8_32, _unpack32)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
@@ -48,6 +48,10 @@ BYTE_DOT = (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)   # the types that can take x in 8 bit
 # token, loads included, against the int16 path's 18 (NOTES.md). A layer's NSE against the float reference is
 # then 1.1-1.9e-4 (11 bits: ~1e-5; the K-quants' 8 bits in blocks of 256: 2.4-5.4e-4), against Q5_0's own ~2e-3.
 BYTE_DOT32 = (Q4_0, Q5_0, Q4_1, Q5_1)
+# The types with tiles of eight (rows_dot_tiles): those on 8-bit input, and Q8_0, whose rows take x in 11 bits
+# but whose tiles take it in 8 bits per 32 values (quantize_row32), its quants + 128 as unsigned bytes: the
+# int16 tiles of four ran V3's layer of 512 tokens only 2.2-2.5x faster per token than 64 calls of 8.
+TILED = BYTE_DOT + BYTE_DOT32 + (Q8_0,)
 ROW_BLOCK = 32     # rows per pass of a tile of four tokens: 36 KB of Q4_K rows stay in L2, the tile's activations
                    # (16 KB at 2048 values) in L1; rows outer, tokens inner read every token from L2 for every row
 # One-token rows shorter than PREFETCH_MAX_ROW_BYTES ask for the row PREFETCH_ROWS ahead while they compute.
@@ -247,7 +251,7 @@ def interleave8(x8, xd, xs, src, i0, n_src, xt, xk, xdt, k0):
 
 
 def rows_dot_tiles(t, w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    """res[i, r - r0] = row r of expert e (GGML type t: BYTE_DOT or BYTE_DOT32) . activation row i of tiles
+    """res[i, r - r0] = row r of expert e (GGML type t: one of TILED) . activation row i of tiles
     k0, k0 + 1, .. (interleave8), i < n_src: rows_dot's tiles of eight, on tokens interleaved once by the
     caller (moe.py interleaves a layer's inputs once per call, where rows_dot would at each of its calls). As
     in rows_dot, t must be a compile-time constant in compiled code."""
@@ -471,54 +475,59 @@ def _rows_q8_0(w, e, r0, r1, src, n_src, x16, xd, xs, res):
 
 
 @njit(cache=True, nogil=True)
+def _tiles_q8_0(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
+    _rows_tiles(_unpack32, _tile8_32, _q8_0_b, _d32_t32, 128, 34, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+
+
+@njit(cache=True, nogil=True)
 def _tiles_q4_0(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    _rows_tiles(_unpack32, _tile8_32, _q4_0_b, _d32_t32, 1, 18, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    _rows_tiles(_unpack32, _tile8_32, _q4_0_b, _d32_t32, 8, 18, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
 
 
 @njit(cache=True, nogil=True)
 def _tiles_q5_0(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    _rows_tiles(_unpack32, _tile8_32, _q5_0_b, _d32_t32, 0, 22, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    _rows_tiles(_unpack32, _tile8_32, _q5_0_b, _d32_t32, 16, 22, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
 
 
 @njit(cache=True, nogil=True)
 def _tiles_q4_1(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    _rows_tiles(_unpack32, _tile8_32, _q4_1_b, _dm32_t32, -1, 20, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    _rows_tiles(_unpack32, _tile8_32, _q4_1_b, _dm32_t32, 0, 20, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
 
 
 @njit(cache=True, nogil=True)
 def _tiles_q5_1(w, e, r0, r1, xt, xk, xdt, k0, n_src, res):
-    _rows_tiles(_unpack32, _tile8_32, _q5_1_b, _dm32_t32, -1, 24, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
+    _rows_tiles(_unpack32, _tile8_32, _q5_1_b, _dm32_t32, 0, 24, 32, w, e, r0, r1, xt, xk, xdt, k0, n_src, res)
 
 
 @njit(inline="always")
-def _rows_32(chunk, b8, end, end8, shift, tiles, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
+def _rows_32(chunk, b8, end, end8, zero, tiles, n_bytes, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
     """A 32-value type's rows on x in 8 bits when x8q holds it in blocks of 32 (quantize_row32: _rows_bytes
     with blocks.py `_block1_32`), else on x16."""
     x8, xd8, xo8 = x8q
     if x8.shape[0] and in_blocks_of_32(x8, xd8):
-        _rows_bytes(_block1_32, b8, end8, shift, tiles, n_bytes, 32, 32, w, e, r0, r1, src, n_src, x8, xd8, xo8, res)
+        _rows_bytes(_block1_32, b8, end8, zero, tiles, n_bytes, 32, 32, w, e, r0, r1, src, n_src, x8, xd8, xo8, res)
     else:
         _rows(chunk, end, n_bytes, 32, w, e, r0, r1, src, n_src, x16, xd, xs, res)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q4_0(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q4_0_w, _q4_0_b, _d_end, _d_end, 1, _tiles_q4_0, 18, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q4_0_w, _q4_0_b, _d_end, _d_end, 8, _tiles_q4_0, 18, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q4_1(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q4_1_w, _q4_1_b, _dm_end, _dm32_end, -1, _tiles_q4_1, 20, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q4_1_w, _q4_1_b, _dm_end, _dm32_end, 0, _tiles_q4_1, 20, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_0(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q5_0_w, _q5_0_b, _d_end, _d_end, 0, _tiles_q5_0, 22, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q5_0_w, _q5_0_b, _d_end, _d_end, 16, _tiles_q5_0, 22, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(cache=True, nogil=True)
 def _rows_q5_1(w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q):
-    _rows_32(_q5_1_w, _q5_1_b, _dm_end, _dm32_end, -1, _tiles_q5_1, 24, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
+    _rows_32(_q5_1_w, _q5_1_b, _dm_end, _dm32_end, 0, _tiles_q5_1, 24, w, e, r0, r1, src, n_src, x16, xd, xs, res, x8q)
 
 
 @njit(inline="always")
@@ -637,7 +646,7 @@ _BYTE_KERNELS = (_rows_q4_k, _rows_q5_k, _rows_q6_k, _rows_q2_k, _rows_q3_k, _ro
                  _rows_q5_1)
 _FLOAT_KERNELS = (_rows_bf16, _rows_f16, _rows_f32)
 _TILE_KERNELS = {Q4_K: _tiles_q4_k, Q5_K: _tiles_q5_k, Q6_K: _tiles_q6_k, Q2_K: _tiles_q2_k, Q3_K: _tiles_q3_k,
-                 Q4_0: _tiles_q4_0, Q5_0: _tiles_q5_0, Q4_1: _tiles_q4_1, Q5_1: _tiles_q5_1}
+                 Q8_0: _tiles_q8_0, Q4_0: _tiles_q4_0, Q5_0: _tiles_q5_0, Q4_1: _tiles_q4_1, Q5_1: _tiles_q5_1}
 _KERNELS = {Q4_K: _rows_q4_k, Q5_K: _rows_q5_k, Q6_K: _rows_q6_k, Q2_K: _rows_q2_k, Q3_K: _rows_q3_k,
             Q8_0: _rows_q8_0, Q4_0: _rows_q4_0, Q4_1: _rows_q4_1, Q5_0: _rows_q5_0, Q5_1: _rows_q5_1,
             BF16: _rows_bf16, F16: _rows_f16, F32: _rows_f32}

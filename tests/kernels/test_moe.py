@@ -19,7 +19,8 @@ so only the activation side differs):
   20-300x larger (README: NSE 0.021 for Q6_K to 0.33 for Q2_K).
 - Q4_0 / Q5_0 / Q4_1 / Q5_1: x and h go in 8 bits with a scale per 32 values (rows.py quantize_row32, llama.cpp's Q8_0
   input for these types): 1.1e-4..1.9e-4 measured; the K-quants' bound 1e-3 on the same argument. The
-  weights' own rounding is NSE ~1.8e-3 (Q5_0) to ~7e-3 (Q4_0).
+  weights' own rounding is NSE ~1.8e-3 (Q5_0) to ~7e-3 (Q4_0). So do Q8_0's inputs in calls of TILE8_MIN
+  tokens or more (its tiles of eight take them so; one at a time it keeps 11 bits): bound 1e-3 there.
 - F32 / F16 / BF16 are dotted in float32 with unquantized activations: only the order of the float32 sums
   differs, ~1e-13 measured; bound 1e-10.
 - Experts with many tokens on the matrix path (kernels/cpu/gemm.py, tested here whatever the CPU): quantized
@@ -34,6 +35,7 @@ import torch
 from dslocal.kernels import ref
 from dslocal.kernels.cpu import gemm
 from dslocal.kernels.cpu import moe as cpu
+from dslocal.kernels.cpu.rows import TILE8_MIN
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import GGMLType
 from dslocal.quant.quantize import quantize
@@ -47,6 +49,7 @@ NSE_BOUND = {**{t: 1e-3 if cpu.GATE_UP_8BIT or cpu.DOWN_8BIT else 5e-5 for t in 
              **{t: 5e-5 for t in BLOCK32 if t not in BYTES32}, **{t: 1e-10 for t in FLOAT_DOTTED}}
 FAST = [cpu.moe_ffn]
 MATRIX_BOUND = 1e-4
+TILE_BOUND = 1e-3   # Q8_0 in calls with tiles of eight
 E = 12
 
 
@@ -95,9 +98,10 @@ def test_moe_ffn_matches_reference(fast, t, path):
         ids, w = routing(T, K, rng)
         y, want = fast(x, ids, w, ex), ref.moe_ffn(x, ids, w, ex)
         err = nse(y, want)
-        least = gemm.GEMM_MIN_TOKENS_TILED if t in K_QUANTS else gemm.GEMM_MIN_TOKENS   # K-quants: tiles of 8
+        least = gemm.GEMM_MIN_TOKENS if t in FLOAT_DOTTED else gemm.GEMM_MIN_TOKENS_TILED   # tiles of eight
         matrix = path == "matrix" and T >= gemm.GEMM_MIN_CALL and np.bincount(ids.ravel()).max() >= least
-        bound = max(NSE_BOUND[t], MATRIX_BOUND) if matrix and t not in FLOAT_DOTTED else NSE_BOUND[t]
+        bound = TILE_BOUND if t == T_.Q8_0 and T >= TILE8_MIN else NSE_BOUND[t]
+        bound = max(bound, MATRIX_BOUND) if matrix and t not in FLOAT_DOTTED else bound
         print(f"{t.name} T={T} K={K} {'matrix' if matrix else 'rows'}: NSE {err:.2e} (bound {bound:.0e})")
         assert y.shape == (T, D) and y.dtype == np.float32
         assert err < bound, f"{t.name} T={T} K={K}: NSE {err:.2e}"
@@ -154,6 +158,25 @@ def test_32_value_types_take_8_bit_input_in_blocks_of_32():
         assert x8.shape == (3, 288) and xd8.shape == (3, 9) and xo8.shape == (3, 72) and x16.shape[0] == 0
         assert h8.shape == (12, 160) and hd8.shape == (12, 5) and ho8.shape == (12, 40) and h16.shape[0] == 0
         assert nse(call(), ref.moe_ffn(x, ids, w, ex)) < NSE_BOUND[t]
+
+
+def test_q8_0_tiles_take_8_bit_input_beside_its_rows_11():
+    """A Q8_0 layer takes x and h in 11 bits (its rows) and, in calls of TILE8_MIN tokens or more, in 8 bits per
+    32 values too (its tiles of eight), each expert with TILE8_MIN tokens or more taking the tiles."""
+    rng = np.random.default_rng(6)
+    ex = experts_of(T_.Q8_0, 288, 160, rng)
+    for T in (TILE8_MIN - 1, 20):
+        x = rng.standard_normal((T, 288), dtype=np.float32)
+        ids, w = routing(T, 2, rng, used=4)
+        call = cpu.LayerCall(x, ids, w, ex)
+        (x8, xd8, _), x16, _, _, _, (h8, hd8, _), h16, _, _, _, (xt, _, _), (ht, _, _) = call._scratch
+        tiled = T >= TILE8_MIN
+        assert x16.shape == (T, 288) and h16.shape == (2 * T, 160)
+        assert x8.shape[0] == h8.shape[0] == 0 or (x8.shape, xd8.shape, h8.shape, hd8.shape) == (
+            (T, 288), (T, 9), (2 * T, 160), (2 * T, 5))                  # in blocks of 32
+        assert (x8.shape[0] > 0) == tiled and (h8.shape[0] > 0) == tiled
+        assert (xt.shape[0] > 0) == tiled and (ht.shape[0] > 0) == tiled
+        assert nse(call(), ref.moe_ffn(x, ids, w, ex)) < (TILE_BOUND if tiled else NSE_BOUND[T_.Q8_0])
 
 
 def test_torch_in_torch_out_and_out_buffer():

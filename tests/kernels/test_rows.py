@@ -73,12 +73,13 @@ def test_one_token_rows_in_streams(t, D):
 # Several tokens on 8-bit input: TILE8_MIN or more go in tiles of eight whose lanes are the tokens (the last
 # tile partly empty), fewer one at a time. Short rows (2048 values for the K-quants, 1408 for the 32-value
 # types) keep the compiles short; the types are all five K-quants (sub-blocks of 32: Q4_K, Q5_K; of 16: Q6_K,
-# Q2_K, Q3_K) and the four 32-value types that take 8-bit input (offsets -8 / -16, mins).
-@pytest.mark.parametrize("t", [T_.Q4_K, T_.Q5_K, T_.Q6_K, T_.Q2_K, T_.Q3_K, T_.Q4_0, T_.Q5_0, T_.Q4_1, T_.Q5_1],
-                         ids=lambda v: v.name)
+# Q2_K, Q3_K), the four 32-value types that take 8-bit input (offsets -8 / -16, mins), and Q8_0 (offset -128),
+# whose rows take 11-bit input, so that only rows_dot_tiles on tiles from interleave8 reaches its tiles.
+@pytest.mark.parametrize("t", [T_.Q4_K, T_.Q5_K, T_.Q6_K, T_.Q2_K, T_.Q3_K, T_.Q4_0, T_.Q5_0, T_.Q4_1, T_.Q5_1,
+                               T_.Q8_0], ids=lambda v: v.name)
 def test_several_tokens_in_tiles_of_eight(t):
     rng = np.random.default_rng(10 + int(t))
-    by32 = int(t) in rows.BYTE_DOT32
+    by32 = int(t) in rows.BYTE_DOT32 or t == T_.Q8_0
     D, N, per = (1408, 13, 32) if by32 else (2048, 13, rows.QB)
     w = quantize(rng.standard_normal((2, R, D), dtype=np.float32) / np.float32(D ** 0.5), t)
     x = rng.standard_normal((N, D), dtype=np.float32) * rng.uniform(0.1, 10, (N, 1)).astype(np.float32)
@@ -94,9 +95,18 @@ def test_several_tokens_in_tiles_of_eight(t):
     unused = (np.empty((0, D), np.int16), np.empty((0, -(-D // 256)), np.float32), np.empty((0, D // 16), np.int32))
     # token 3 twice in one tile and once more in the next; the first tile full, the second partly
     src = np.array([5, 0, 12, 3, 3, 7, 1, 9, 11, 3, 6, 4, 8, 2], np.int64)
+
+    def dot(r0, r1, n, res):
+        if t != T_.Q8_0:
+            rows.rows_dot(int(t), w, 1, r0, r1, src, n, *unused, x, res, (x8, xd8, xs8))
+        else:   # two tiles from the third on, as a layer interleaves them
+            tiles = rows.tile_buffers(2 + (n + 7) // 8, D, per)
+            rows.interleave8(x8, xd8, xs8, src, 0, n, *tiles, 2)
+            rows.rows_dot_tiles(int(t), w, 1, r0, r1, *tiles, 2, n, res)
+
     for n in (3, rows.TILE8_MIN, 8, 12):
         res = np.full((16, R), np.nan, np.float32)
-        rows.rows_dot(int(t), w, 1, 0, R, src, n, *unused, x, res, (x8, xd8, xs8))
+        dot(0, R, n, res)
         got, ref = res[:n].T, want[:, src[:n]]
         assert np.abs(got - ref).max(axis=0).max() < 1e-5 * np.abs(ref).max(), n
         assert np.isnan(res[n:]).all()
@@ -107,5 +117,5 @@ def test_several_tokens_in_tiles_of_eight(t):
             for r0 in range(0, R, k):
                 r1 = min(r0 + k, R)
                 part = np.full((16, R), np.nan, np.float32)
-                rows.rows_dot(int(t), w, 1, r0, r1, src, n, *unused, x, part, (x8, xd8, xs8))
+                dot(r0, r1, n, part)
                 assert np.array_equal(part[:n, :r1 - r0], res[:n, r0:r1]), (n, k, r0)
