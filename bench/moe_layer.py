@@ -12,8 +12,9 @@ layer: a moe.py LayerCall built once on fixed input buffers, the router's choice
 call; T = 1 is also timed through moe_ffn, which checks its inputs and allocates its scratch per call.
 Routing is uniform; decode (T = 1) walks the experts in a fixed random order. "GB read" counts each distinct
 expert of a call once (the bytes the kernel must stream); the V2-Lite down projection takes llama-quantize's
-fallback type, since rows of 1408 are not whole 256-value super-blocks. For T = 512 the table also gives the time of the same 512 tokens as
-64 separate T = 8 calls, and how many times faster per token the single call is.
+fallback type, since rows of 1408 are not whole 256-value super-blocks. For T = 512 the table also gives the
+time of the same 512 tokens as 64 separate T = 8 calls, and how many times faster per token the single call
+is.
 """
 from __future__ import annotations
 

@@ -531,7 +531,7 @@ def _q5_1_w(w, p, c):
 # lanes (-16 * the block's sum of x8, 0, .., 0) (rows.py quantize_row32). A block's 32 quants go in as unsigned
 # bytes (`_<type>_b`), and one vpdpbusd dots them with x8. A type's unsigned quants are its values plus `zero`
 # (Q4_0 8, Q5_0 16, Q8_0 128), so the int32 sum starts from -zero * the block's sum of x8, which the offset
-# lanes give by an exact shift (`_from_offset`): sum_l (q_l - 16) x_l = sum_l q_l x_l - 16 sum_l x_l for Q5_0.
+# lanes give by an exact shift (`_start32`): sum_l (q_l - 16) x_l = sum_l q_l x_l - 16 sum_l x_l for Q5_0.
 # Q4_1 / Q5_1 (zero 0: the sum starts at zero): the min times the same lanes, in float (`_dm32_end`).
 
 @njit(inline="always")
@@ -561,20 +561,14 @@ def _q8_0_b(w, p):
 
 
 @njit(inline="always")
-def _from_offset(o, zero):
-    """-zero * a block's sum of x8 (zero 8, 16 or 128) from its offset lanes o, which hold -16 * that sum."""
+def _start32(o, zero):
+    """The int32 lanes a block's dot starts from: -zero * its sum of x8 (zero 8, 16 or 128) from its offset
+    lanes o, which hold -16 * that sum, or zeros (zero 0: a type with a min)."""
     if zero == 8:
         return _sar(o, 1)
     if zero == 128:
         return _sal(o, 3)
-    return o
-
-
-@njit(inline="always")
-def _start32(xo, i, zero):
-    """The int32 lanes a block's dot starts from: -zero * its sum of x8 from the offset lanes at flat i of xo,
-    or zeros (zero 0: a type with a min)."""
-    return _from_offset(_v8i(xo, i), zero) if zero else _zero_i32()
+    return o if zero else _zero_i32()
 
 
 @njit(inline="always")
@@ -589,7 +583,7 @@ def _dm32_end(acc, a, w, p, xo, s, v, xd):
 def _block1_32(b8, end, zero, acc, w, p, x8, xo, s, v, xd):
     """acc + the 32-value block at byte p (its bytes from b8: the values + zero, 0 for the types with a min)
     . values v.. of activation row s in 8 bits (xd: that block's scale)."""
-    a = _dpbusd(_start32(xo, s * xo.shape[1] + (v >> 2), zero), b8(w, p), x8, s * x8.shape[1] + v)
+    a = _dpbusd(_start32(_v8i(xo, s * xo.shape[1] + (v >> 2)), zero), b8(w, p), x8, s * x8.shape[1] + v)
     return end(acc, a, w, p, xo, s, v, xd)
 
 
@@ -752,7 +746,7 @@ def _tile8(n_sub, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd)
 # The 32-value types the same way, on 8-bit input in blocks of 32 (rows.py quantize_row32): a block is 32
 # bytes of quants (`_<type>_b`, above), its d and, for Q4_1 / Q5_1, its min (`_<type>_t32`); the tile's xk
 # holds, per block and token, -16 times the block's sum of x8, from which the dot starts (-zero times the sum:
-# `_from_offset`) or which the min multiplies (zero 0), as in `_block1_32`. Q8_0 too (zero 128), whose tiles
+# `_start32`) or which the min multiplies (zero 0), as in `_block1_32`. Q8_0 too (zero 128), whose tiles
 # take x in 8 bits while its rows take 11.
 
 @njit(inline="always")
@@ -780,7 +774,7 @@ def _tile8_32(zero, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, x
     """_tile8 for block blk (32 values) of two rows of a 32-value type: xk int32 [8 blk + t] token t's -16 *
     the block's sum of x8, xd f32 [8 blk + t] its scale."""
     o = _v8i(xk, 8 * blk)
-    a = _from_offset(o, zero) if zero else _zero_i32()
+    a = _start32(o, zero)
     b = a
     for g in range(8):
         i = 8 * blk + g
