@@ -719,28 +719,37 @@ def _unpack8(u8, t8, n_sub, w, p, blk, wq, ws, wk, wm):
 
 
 @njit(inline="always")
-def _tile8(n_sub, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd):
-    """acc_a, acc_b (float lanes: eight tokens) + block blk of two rows (their scratch from _unpack8: qa, sa,
-    ka, ma and qb, ..) . the tile's values 256 blk ... Tile: xt int32 [8 g + t] token t's four bytes of group
-    g; xk int32 [8 q + t] token t's 16-value sums 2q and 2q + 1 as int16; xd f32 [8 blk + t] its scales."""
-    ga, gb = _zero(), _zero()
+def _tile8(n_sub, acc, q, s, k, m, blk, xt, xk, xd):
+    """acc (four float vectors, one per row; lanes: eight tokens) + block blk of four rows . the tile's values
+    256 blk ... The rows' scratch (_unpack8) comes as four-tuples: q, s, k, m. Tile: xt int32 [8 g + t] token
+    t's four bytes of group g; xk int32 [8 q + t] token t's 16-value sums 2q and 2q + 1 as int16; xd f32
+    [8 blk + t] its scales. Four rows share each token vector load (1.25 loads per vpdpbusd; two rows: 1.5)."""
+    q0, q1, q2, q3 = q
+    s0, s1, s2, s3 = s
+    g0, g1, g2, g3 = _zero(), _zero(), _zero(), _zero()
     per = 64 // n_sub                                    # groups of four values in a sub-block
     for j in range(n_sub):
-        a, b = _zero_i32(), _zero_i32()
+        a0, a1, a2, a3 = _zero_i32(), _zero_i32(), _zero_i32(), _zero_i32()
         for g in range(per):
             i = 64 * blk + per * j + g
             x = _v8i(xt, 8 * i)
-            a, b = _vnni(a, _splat32(qa, 4 * i), x), _vnni(b, _splat32(qb, 4 * i), x)
-        ga = _mul_add(ga, _float(a), _fsplat(sa[16 * blk + j]))
-        gb = _mul_add(gb, _float(b), _fsplat(sb[16 * blk + j]))
-    a, b = _zero_i32(), _zero_i32()
-    for q in range(8):
-        x = _v8i(xk, 8 * (8 * blk + q))
-        a, b = _dot(a, x, _splat32(ka, 8 * blk + q)), _dot(b, x, _splat32(kb, 8 * blk + q))
-    ga = _mul_add(ga, _float(a), _fsplat(ma[blk]))
-    gb = _mul_add(gb, _float(b), _fsplat(mb[blk]))
+            a0, a1 = _vnni(a0, _splat32(q0, 4 * i), x), _vnni(a1, _splat32(q1, 4 * i), x)
+            a2, a3 = _vnni(a2, _splat32(q2, 4 * i), x), _vnni(a3, _splat32(q3, 4 * i), x)
+        f = 16 * blk + j
+        g0, g1 = _mul_add(g0, _float(a0), _fsplat(s0[f])), _mul_add(g1, _float(a1), _fsplat(s1[f]))
+        g2, g3 = _mul_add(g2, _float(a2), _fsplat(s2[f])), _mul_add(g3, _float(a3), _fsplat(s3[f]))
+    k0, k1, k2, k3 = k
+    a0, a1, a2, a3 = _zero_i32(), _zero_i32(), _zero_i32(), _zero_i32()
+    for c in range(8):
+        x, i = _v8i(xk, 8 * (8 * blk + c)), 8 * blk + c
+        a0, a1 = _dot(a0, x, _splat32(k0, i)), _dot(a1, x, _splat32(k1, i))
+        a2, a3 = _dot(a2, x, _splat32(k2, i)), _dot(a3, x, _splat32(k3, i))
+    m0, m1, m2, m3 = m
+    g0, g1 = _mul_add(g0, _float(a0), _fsplat(m0[blk])), _mul_add(g1, _float(a1), _fsplat(m1[blk]))
+    g2, g3 = _mul_add(g2, _float(a2), _fsplat(m2[blk])), _mul_add(g3, _float(a3), _fsplat(m3[blk]))
     d = _v8f(xd, 8 * blk)
-    return _mul_add(acc_a, ga, d), _mul_add(acc_b, gb, d)
+    c0, c1, c2, c3 = acc
+    return _mul_add(c0, g0, d), _mul_add(c1, g1, d), _mul_add(c2, g2, d), _mul_add(c3, g3, d)
 
 
 # The 32-value types the same way, on 8-bit input in blocks of 32 (rows.py quantize_row32): a block is 32
@@ -770,21 +779,28 @@ def _unpack32(b8, t32, zero, w, p, blk, wq, ws, wk, wm):
 
 
 @njit(inline="always")
-def _tile8_32(zero, acc_a, acc_b, qa, sa, ka, ma, qb, sb, kb, mb, blk, xt, xk, xd):
-    """_tile8 for block blk (32 values) of two rows of a 32-value type: xk int32 [8 blk + t] token t's -16 *
+def _tile8_32(zero, acc, q, s, k, m, blk, xt, xk, xd):
+    """_tile8 for block blk (32 values) of four rows of a 32-value type: xk int32 [8 blk + t] token t's -16 *
     the block's sum of x8, xd f32 [8 blk + t] its scale."""
+    q0, q1, q2, q3 = q
     o = _v8i(xk, 8 * blk)
-    a = _start32(o, zero)
-    b = a
+    a0 = _start32(o, zero)
+    a1, a2, a3 = a0, a0, a0
     for g in range(8):
         i = 8 * blk + g
         x = _v8i(xt, 8 * i)
-        a, b = _vnni(a, _splat32(qa, 4 * i), x), _vnni(b, _splat32(qb, 4 * i), x)
+        a0, a1 = _vnni(a0, _splat32(q0, 4 * i), x), _vnni(a1, _splat32(q1, 4 * i), x)
+        a2, a3 = _vnni(a2, _splat32(q2, 4 * i), x), _vnni(a3, _splat32(q3, 4 * i), x)
     d = _v8f(xd, 8 * blk)
-    acc_a = _mul_add(acc_a, _float(a), _times(d, _fsplat(sa[blk])))
-    acc_b = _mul_add(acc_b, _float(b), _times(d, _fsplat(sb[blk])))
+    s0, s1, s2, s3 = s
+    c0, c1, c2, c3 = acc
+    c0 = _mul_add(c0, _float(a0), _times(d, _fsplat(s0[blk])))
+    c1 = _mul_add(c1, _float(a1), _times(d, _fsplat(s1[blk])))
+    c2 = _mul_add(c2, _float(a2), _times(d, _fsplat(s2[blk])))
+    c3 = _mul_add(c3, _float(a3), _times(d, _fsplat(s3[blk])))
     if not zero:
         o = _float(o)
-        acc_a = _mul_add(acc_a, o, _times(d, _fsplat(ma[blk])))
-        acc_b = _mul_add(acc_b, o, _times(d, _fsplat(mb[blk])))
-    return acc_a, acc_b
+        m0, m1, m2, m3 = m
+        c0, c1 = _mul_add(c0, o, _times(d, _fsplat(m0[blk]))), _mul_add(c1, o, _times(d, _fsplat(m1[blk])))
+        c2, c3 = _mul_add(c2, o, _times(d, _fsplat(m2[blk]))), _mul_add(c3, o, _times(d, _fsplat(m3[blk])))
+    return c0, c1, c2, c3

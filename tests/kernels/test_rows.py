@@ -112,7 +112,7 @@ def test_several_tokens_in_tiles_of_eight(t):
         assert np.isnan(res[n:]).all()
         if n >= 8:                                                   # lanes and tiles compute alike
             assert np.array_equal(res[3], res[4]) and (n < 10 or np.array_equal(res[3], res[9]))
-        # cuts into ranges of 1..5 rows (odd ones repeat their last row) give the same bits
+        # cuts into ranges of 1..5 rows (a last pass short of four rows repeats its last row) give the same bits
         for k in range(1, 6):
             for r0 in range(0, R, k):
                 r1 = min(r0 + k, R)
