@@ -722,7 +722,7 @@ def _unpack8(u8, t8, n_sub, w, p, blk, wq, ws, wk, wm):
 def _tile8(n_sub, acc, q, s, k, m, blk, xt, xk, xd):
     """acc (four float vectors, one per row; lanes: eight tokens) + block blk of four rows . the tile's values
     256 blk ... The rows' scratch (_unpack8) comes as four-tuples: q, s, k, m. Tile: xt int32 [8 g + t] token
-    t's four bytes of group g; xk int32 [8 q + t] token t's 16-value sums 2q and 2q + 1 as int16; xd f32
+    t's four bytes of group g; xk int32 [8 c + t] token t's 16-value sums 2c and 2c + 1 as int16; xd f32
     [8 blk + t] its scales. Four rows share each token vector load (1.25 loads per vpdpbusd; two rows: 1.5)."""
     q0, q1, q2, q3 = q
     s0, s1, s2, s3 = s
