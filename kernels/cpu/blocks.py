@@ -670,6 +670,9 @@ _times = _op("_times", FV, lambda c, b, sig, x, y: b.fmul(x, y))
 _sar = _op("_sar", I32, lambda c, b, sig, v, n: b.ashr(v, _splat(b, b.trunc(n, _i32), _V8I)))
 _sal = _op("_sal", I32, lambda c, b, sig, v, n: b.shl(v, _splat(b, b.trunc(n, _i32), _V8I)))
 _lane_f = _op("_lane_f", types.float32, lambda c, b, sig, v, k: b.extract_element(v, k))
+# the float32 whose bits are the int32 v
+_bits_f32 = _op("_bits_f32", types.float32, lambda c, b, sig, v: b.bitcast(b.trunc(v, _i32) if v.type.width > 32
+                                                                            else v, _f32))
 # int16 lanes 8h .. 8h + 7 as floats
 _half_f = _op("_half_f", FV, lambda c, b, sig, v, h: b.sitofp(b.sext(b.select(
     b.icmp_signed("!=", h, ir.Constant(h.type, 0)), _pick(b, v, list(range(8, 16))), _pick(b, v, list(range(8)))),

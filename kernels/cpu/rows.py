@@ -27,7 +27,7 @@ from dslocal.kernels.cpu.blocks import (BF16, F16, F32, Q2_K, Q3_K, Q4_0, Q4_1, 
                                         _q4_k_u8, _q5_k_m8, _q5_k_u8, _q6_k_m8, _q6_k_u8, _block1_32,
                                         _q4_0_b, _q5_0_b, _q4_1_b, _q5_1_b, _q8_0_b, _dm32_end, _lane_f, _q2_k_t8,
                                         _q3_k_t8, _q4_k_t8, _q5_k_t8, _q6_k_t8, _tile8, _unpack8, _d32_t32, _dm32_t32,
-                                        _tile8_32, _unpack32)
+                                        _tile8_32, _unpack32, _bits_f32)
 
 i16, i32, u32, u64, f32 = np.int16, np.int32, np.uint32, np.uint64, np.float32
 QB = 256          # activation values per float scale
@@ -76,20 +76,29 @@ def activation_shapes32(n: int, d: int) -> tuple[tuple[int, int], tuple[int, int
     return (n, d), (n, d // 32), (n, d // 4)
 
 
+@njit(inline="always")
+def _amax(xi, t, o, n):
+    """The largest magnitude among x[t, o:o + n] from xi, x's bits as int32, or inf where one of them is an inf
+    or a NaN. With the sign bit cleared, the bit patterns of floats order as their magnitudes, and a NaN's lie
+    above an infinity's: one integer max, which the compiler vectorises, where a float max and a sum that
+    caught NaNs (float reductions it may not reorder) went one value at a time (kernels/cpu/NOTES.md)."""
+    m = i32(0)
+    for l in range(n):
+        m = max(m, xi[t, o + l] & i32(0x7FFFFFFF))
+    return _bits_f32(min(m, i32(0x7F800000)))
+
+
 @njit(cache=True, nogil=True)
 def quantize_row(x, t, x16, xd, xs, qmax=XMAX):
     """Row t of x (N, D) f32 -> x16[t] (D,) integers of at most qmax (XMAX in int16, or XMAX8 in an
     int8 x16), xd[t] (ceil(D/256),) scales, xs[t] (D//16,) int32 group sums. Round to nearest; a
     non-finite block gets a NaN scale."""
-    D = x.shape[1]
+    D, xi = x.shape[1], x.view(np.int32)
     for c in range(xd.shape[1]):
         o = QB * c
         n = min(QB, D - o)
-        amax, bad = f32(0), f32(0)
-        for l in range(n):
-            amax = max(amax, abs(x[t, o + l]))
-            bad += x[t, o + l] * f32(0)  # NaN once an inf or NaN went by (max() would skip a NaN)
-        if bad != 0 or not amax < np.inf:   # let a non-finite value reach the output, not an int overflow
+        amax = _amax(xi, t, o, n)
+        if not amax < np.inf:   # let a non-finite value reach the output, not an int overflow
             xd[t, c] = np.nan
             for l in range(n):
                 x16[t, o + l] = 0
@@ -118,15 +127,13 @@ def quantize_row32(x, t, x8, xd, xo):
     (llama.cpp's Q8_0 activations), and xo[t, 8b:8b + 8] = (-16 * block b's sum of x8, 0, .., 0), the int32
     lanes a BYTE_DOT32 block's dot starts from or scales its min by (blocks.py `_block1_32`). D: a multiple of
     32. Round to nearest; a non-finite block gets a NaN scale."""
+    xi = x.view(np.int32)
     for c in range(xd.shape[1]):
         o = 32 * c
-        amax, bad = f32(0), f32(0)
-        for l in range(32):
-            amax = max(amax, abs(x[t, o + l]))
-            bad += x[t, o + l] * f32(0)
+        amax = _amax(xi, t, o, 32)
         for l in range(8):
             xo[t, 8 * c + l] = 0
-        if bad != 0 or not amax < np.inf:
+        if not amax < np.inf:
             xd[t, c] = np.nan
             for l in range(32):
                 x8[t, o + l] = 0

@@ -41,6 +41,53 @@ def activations(x: np.ndarray, t: GGMLType):
     return (x16, xd, xs), x8q, exact
 
 
+def _quantized_in_numpy(x: np.ndarray, per: int, qmax: int):
+    """x (D,) f32 in blocks of `per` values as rows.py's quantizers define them: a scale max|x| / qmax per
+    block, integers rint(x * (1 / scale)) (float32 throughout), and a NaN scale with zeros for a block that
+    holds an inf or a NaN."""
+    q, d = np.zeros(x.size, np.int32), []
+    for o in range(0, x.size, per):
+        b = x[o:o + per]
+        if not np.isfinite(b).all():
+            d.append(np.float32(np.nan))
+            continue
+        scale = np.float32(np.abs(b).max()) / np.float32(qmax)
+        inv = np.float32(1) / scale if scale > 0 else np.float32(0)
+        q[o:o + per] = np.rint(b * inv)
+        d.append(scale)
+    return q, np.array(d, np.float32)
+
+
+def test_activation_quantizers_match_numpy():
+    """quantize_row (11 and 8 bits, a scale per 256 values, 16-value sums) and quantize_row32 against numpy,
+    bit for bit, on rows with -0, subnormals, the largest floats, infinities, NaNs and a last block of 128."""
+    rng = np.random.default_rng(3)
+    N, D = 9, 1408 + 256
+    x = (rng.standard_normal((N, D)) * rng.uniform(1e-3, 1e3, (N, 1))).astype(np.float32)
+    x[1, 5], x[2, 300], x[3, 1600] = np.inf, -np.inf, np.nan
+    x[4] = 0
+    x[5, :64] = -0.0
+    x[6, 100:140] = np.float32(1e-42)
+    x[7, 7], x[8, 33] = np.float32(3.4e38), -np.float32(3.4e38)
+    for qmax, dtype in ((rows.XMAX, np.int16), (rows.XMAX8, np.int8)):
+        s, sd, ss = rows.activation_shapes(N, D)
+        q, d, sums = np.empty(s, dtype), np.empty(sd, np.float32), np.empty(ss, np.int32)
+        for t in range(N):
+            rows.quantize_row(x, t, q, d, sums, qmax)
+            want_q, want_d = _quantized_in_numpy(x[t], rows.QB, qmax)
+            assert np.array_equal(q[t], want_q) and np.array_equal(d[t], want_d, equal_nan=True), (t, qmax)
+            assert np.array_equal(sums[t], want_q.reshape(-1, rows.GROUP).sum(axis=1)), (t, qmax)
+    s, sd, so = rows.activation_shapes32(N, D)
+    q, d, off = np.empty(s, np.int8), np.empty(sd, np.float32), np.empty(so, np.int32)
+    for t in range(N):
+        rows.quantize_row32(x, t, q, d, off)
+        want_q, want_d = _quantized_in_numpy(x[t], 32, rows.XMAX8)
+        assert np.array_equal(q[t], want_q) and np.array_equal(d[t], want_d, equal_nan=True), t
+        want_off = np.zeros((D // 32, 8), np.int32)
+        want_off[:, 0] = -16 * want_q.reshape(-1, 32).sum(axis=1)
+        assert np.array_equal(off[t], want_off.ravel()), t
+
+
 # long rows (four streams): Q4_K 4096 values = 2304 bytes, Q8_0 2048 = 2176, Q2_K 7168 = 2352, Q4_0 4096 =
 # 2304, Q4_1 4096 = 2560; short rows (one at a time): Q6_K 1024 = 840, Q5_0 1408 = 968 (V2-Lite's down rows),
 # Q4_0 1408 = 792, Q5_1 1408 = 1056
