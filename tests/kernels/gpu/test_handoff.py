@@ -74,6 +74,56 @@ def test_send_then_receive_in_a_replayed_graph():
         assert z.dtype == torch.bfloat16 and torch.equal(z.cpu(), want)
 
 
+def test_each_replay_adds_its_own_steps_result():
+    """A compiled CPU side, as fast as LayerCall.synced (kernels/cpu/moe.py's acquire and release flags), writes
+    each layer's result just before its flag, while the receive polls: a receive that read the result before
+    it saw the flag would add a previous step's."""
+    from numba import njit
+
+    from dslocal.kernels.cpu.moe import _load_acquire, _pause, _store_release
+    from dslocal.kernels.gpu import handoff
+    L, stride = 4, 16
+
+    @njit(nogil=True)
+    def answer(sync, out, step):
+        for j in range(out.shape[0]):
+            while _load_acquire(sync, stride * j) < step:
+                _pause()
+            for i in range(out.shape[1]):
+                out[j, i] = step * (j + 1)
+            _store_release(sync, stride * j + 8, step)
+
+    x, w, y = torch.randn((1, D), device="cuda"), torch.rand((1, K), device="cuda"), torch.zeros((1, D), device="cuda")
+    ids = torch.arange(K, device="cuda")[None]
+    x_host, ids_host, w_host = pinned((1, D), torch.float32), pinned((1, K), torch.int64), pinned((1, K), torch.float32)
+    out_host, sync = pinned((L, D), torch.float32), pinned(stride * L + 8, torch.int64)
+    step = torch.ones(1, dtype=torch.int64, device="cuda")
+
+    def layers():
+        z = []
+        for j in range(L):
+            handoff.send(x, ids, w, x_host, ids_host, w_host, sync, stride * j, step)
+            z.append(handoff.receive(y, out_host[j:j + 1], sync, stride * j + 8, stride * L, step, torch.float32,
+                                     timeout_s=10))
+        return z
+
+    flags, out = sync.numpy(), out_host.numpy()
+    z = layers()                                     # eager: compiles the kernels
+    answer(flags, out, 1)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z = layers()
+    for n in range(2, 202):
+        step.fill_(n)
+        graph.replay()
+        answer(flags, out, n)
+        torch.cuda.synchronize()
+        got = torch.cat(z).cpu()
+        assert int(sync[stride * L]) == 0, f"step {n} was given up"
+        assert torch.equal(got, n * torch.arange(1, L + 1, dtype=torch.float32)[:, None].expand(L, D)), n
+
+
 def test_a_send_hands_the_cpu_the_experts_the_gpu_does_not_pull():
     """The pull count is read on the device: one captured send follows it from replay to replay."""
     from dslocal.kernels.gpu import handoff
