@@ -6,8 +6,12 @@ One call does, with the pairs grouped by expert and experts without tokens skipp
   1. quantize x to integers, blocks of 256 (cpu/rows.py: 8 bits     parallel over tokens (a few: serial)
      for K-quant weights, 11 for the others)
   2. h = silu(gate x) * up x for every pair                         parallel over row ranges of F
-  3. quantize h (as x, for the down projection's type)              parallel over pairs
+  3. quantize h (as x, for the down projection's type)              parallel over pairs, or for calls of few
+                                                                    pairs inside step 2 (below)
   4. out[t] = sum_k w * down h                                      parallel over row ranges of D
+In calls of up to H_IN_STEP2_PAIRS pairs (a decode step's one token) step 3 has no parallel step of its
+own: h's columns fall into units of whole quantization blocks, and the thread whose chunk completes a unit
+quantizes it for every pair.
 Where an expert has rows.TILE8_MIN pairs or more and its projections have tiles (rows.TILED: those on 8-bit
 input, and Q8_0, whose tiles take its input in 8 bits beside the 11 of its rows), steps 1 and 3 also
 interleave its inputs into tiles of eight tokens (rows.py interleave8), once per call, which steps 2 and 4 dot
@@ -43,9 +47,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from dslocal.kernels.cpu import gemm
-from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, QB, TILE8_MIN, TILED, XMAX8, activation_shapes,
-                                      activation_shapes32, in_blocks_of_32, interleave8, quantize_row, quantize_row32,
-                                      rows_dot, rows_dot_tiles, tile_shapes)
+from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, QB, TILE8_MIN, TILED, XMAX, XMAX8, activation_shapes,
+                                      activation_shapes32, in_blocks_of_32, interleave8, quantize_block,
+                                      quantize_block32, quantize_row, quantize_row32, rows_dot, rows_dot_tiles,
+                                      tile_shapes)
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import GGMLType
 
@@ -58,6 +63,8 @@ DOWN_8BIT = True     # K-quant down projections too (their input, silu(g) * u, i
 FIRST_SHARE = 75
 SMALL_CHUNKS = 4
 SERIAL_QUANTIZE = 4  # calls of up to this many tokens quantize x in the calling thread (decode: one token)
+# calls of up to this many (token, expert) pairs quantize h inside step 2 (see the docstring); read at each call
+H_IN_STEP2_PAIRS = 64
 SPINS = 1 << 20      # polls of its flag per compiled call of LayerCall.synced (~0.1-0.3 s), then Python looks again
 
 
@@ -71,6 +78,18 @@ def _claim(typingctx, counter, i):
             at = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
             return builder.atomic_rmw("add", at, ir.Constant(ir.IntType(64), 1), "monotonic")
         return types.int64(counter, i), codegen
+
+
+@intrinsic
+def _add_acq_rel(typingctx, counter, i, v):
+    """counter[i] += v as one atomic step with acquire and release ordering; returns the value before. The
+    thread whose add completes a count sees everything the other adders wrote before theirs."""
+    if isinstance(counter, types.Array) and counter.dtype == types.int64 and counter.layout == "C":
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            at = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+            return builder.atomic_rmw("add", at, context.cast(builder, args[2], sig.args[2], types.int64), "acq_rel")
+        return types.int64(counter, i, v), codegen
 
 
 @intrinsic
@@ -236,6 +255,36 @@ def _quantize_x(x, t, x16, xd, xs, x8q):
             quantize_row(x, t, x8, xd8, xs8, XMAX8)
 
 
+@njit(inline="always")
+def _h_unit(h16, h8q):
+    """Columns of h per unit of step 3 inside step 2: whole quantization blocks, 32 where h goes only in 8
+    bits in blocks of 32, else QB."""
+    h8, hd8 = h8q[0], h8q[1]
+    return 32 if h16.shape[0] == 0 and in_blocks_of_32(h8, hd8) else QB
+
+
+@njit(inline="always")
+def _quantize_filled(h, r0, r1, unit, filled, n_pairs, h16, hd, hs, h8q):
+    """Columns r0:r1 of h are written for every pair: count them into their units (filled), and quantize
+    each unit this completes for every pair, as _quantize_x would. The counts are acquire / release adds,
+    so the thread that completes a unit sees the columns the other threads wrote."""
+    F = h.shape[1]
+    h8, hd8, hs8 = h8q
+    for u in range(r0 // unit, (r1 + unit - 1) // unit):
+        lo, hi = max(r0, u * unit), min(r1, (u + 1) * unit)
+        if _add_acq_rel(filled, u, hi - lo) + hi - lo < min(unit, F - u * unit):
+            continue
+        for p in range(n_pairs):
+            if h16.shape[0]:
+                quantize_block(h, p, u * unit // QB, h16, hd, hs, XMAX)
+            if h8.shape[0]:
+                if in_blocks_of_32(h8, hd8):
+                    for c in range(u * unit // 32, min((u + 1) * unit, F) // 32):
+                        quantize_block32(h, p, c, h8, hd8, hs8)
+                else:
+                    quantize_block(h, p, u * unit // QB, h8, hd8, hs8, XMAX8)
+
+
 @njit(cache=True, nogil=True)
 def _tile_starts(start, tiles):
     """tile0 (E + 1,): expert e's pairs are tiles tile0[e] .. tile0[e + 1] - 1 of eight (rows.py interleave8)
@@ -261,11 +310,11 @@ def _interleave_experts(a8q, src, start, active, tile0, a_tiles):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs,
-               h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
+def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, h_in_step2, x8q,
+               x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
     """x (T, D) f32, ids (T, K) int64, wts (T, K) f32 -> out (T, D) f32; the rest is scratch (see LayerCall).
     Steps 2 and 4 run on n_threads threads: first_share % of the rows in one chunk each, the rest in
-    small_per_thread chunks each.
+    small_per_thread chunks each. Calls of up to h_in_step2 pairs quantize h inside step 2.
     x8q: x in 8 bits for the gate / up projections (rows.py rows_dot), and x16 / xd / xs x in 11 bits; either
     may have no rows when no projection reads it. h8q and h16 / hd / hs: the same for h, the down projection's
     input.
@@ -285,6 +334,12 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
     claimed = np.empty(16, np.int64)
     claimed[0] = 0
     claimed[8] = 0
+    n_pairs = pair_tok.shape[0]
+    fused = n_pairs <= h_in_step2
+    unit = _h_unit(h16, h8q)
+    filled = np.empty((F + unit - 1) // unit, np.int64)     # columns of h written, per unit (step 3 in step 2)
+    for u in range(filled.shape[0]):
+        filled[u] = 0
     if T > SERIAL_QUANTIZE:
         for t in prange(T):
             _quantize_x(x, t, x16, xd, xs, x8q)
@@ -306,20 +361,24 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
                 if step == 0:
                     _gate_up_rows(tg, tu, gate, up, r0, r1, active, start, pair_tok, x16, xd, xs, x, h, x8q, x_tiles,
                                   x_tile0)
+                    if fused:
+                        _quantize_filled(h, r0, r1, unit, filled, n_pairs, h16, hd, hs, h8q)
                 else:
                     _down_rows(td, down, r0, r1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, h8q, h_tiles,
                                h_tile0)
                 c = _claim(claimed, 8 * step)
         if step == 0:
-            for p in prange(pair_tok.shape[0]):
-                _quantize_x(h, p, h16, hd, hs, h8q)
+            if not fused:
+                for p in prange(n_pairs):
+                    _quantize_x(h, p, h16, hd, hs, h8q)
             if h_tile0[E]:
                 _interleave_experts(h8q, np.arange(pair_tok.shape[0]), start, active, h_tile0, h_tiles)
 
 
 @njit(cache=True, nogil=True)
 def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu, td, n_threads,
-                  first_share, small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
+                  first_share, small_per_thread, h_in_step2, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles,
+                  h_tiles):
     """_moe_layer once sync[i_ready] >= step (the inputs' writer sets it after the inputs), then
     sync[i_done] = step. Returns 1 when the layer ran (or had no pair to run: all ids -1, as when every
     expert of the token is the GPU's), 0 when `spins` polls went by without the flag, -1 when
@@ -335,8 +394,8 @@ def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate
             return 0
         _pause()
     if ids.max() >= 0:      # no pair: nothing to compute, and the GPU does not read out (handoff.py, busy)
-        _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16,
-                   xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
+        _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, h_in_step2,
+                   x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
     _store_release(sync, i_done, step)
     return 1
 
@@ -350,16 +409,16 @@ def _for_types(tg: int, tu: int, td: int):
     compiles (rows.py rows_dot), so a process compiles only the types its model has; and from Python, a call
     with the types as arguments would go through Numba's literal dispatch every time (~2 ms a call)."""
     if (tg, tu, td) not in _by_types:
-        def layer(x, ids, wts, gate, up, down, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, h, h8q,
-                  h16, hd, hs, out, x_tiles, h_tiles):
-            _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, x8q, x16,
-                       xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
+        def layer(x, ids, wts, gate, up, down, n_threads, first_share, small_per_thread, h_in_step2, x8q, x16, xd,
+                  xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
+            _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, h_in_step2,
+                       x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
 
         def synced(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, n_threads, first_share,
-                   small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
+                   small_per_thread, h_in_step2, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
             return _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu,
-                                 td, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, h, h8q, h16, hd,
-                                 hs, out, x_tiles, h_tiles)
+                                 td, n_threads, first_share, small_per_thread, h_in_step2, x8q, x16, xd, xs, h, h8q,
+                                 h16, hd, hs, out, x_tiles, h_tiles)
         _by_types[tg, tu, td] = njit(cache=True, nogil=True)(layer), njit(cache=True, nogil=True)(synced)
     return _by_types[tg, tu, td]
 
@@ -449,7 +508,7 @@ class LayerCall:
             many = np.flatnonzero(counts >= least)
             if len(many):      # the row kernels see those pairs as computed elsewhere (-1)
                 inputs = (inputs[0], np.where(np.isin(ids, many), -1, ids)) + inputs[2:]
-        self._layer(*inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
+        self._layer(*inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, H_IN_STEP2_PAIRS, *self._scratch)
         if len(many):
             x, wts = self._inputs[0], self._inputs[2]
             gemm.add_experts(x, ids, wts, self.experts, many, self.out)
@@ -466,7 +525,7 @@ class LayerCall:
         deadline = None
         while True:
             ran = self._synced(sync, i_ready, i_done, i_abort, step, SPINS, *self._inputs, numba.get_num_threads(),
-                               FIRST_SHARE, SMALL_CHUNKS, *self._scratch)
+                               FIRST_SHARE, SMALL_CHUNKS, H_IN_STEP2_PAIRS, *self._scratch)
             if ran:
                 return ran > 0
             now = time.monotonic()

@@ -93,22 +93,28 @@ def quantize_row(x, t, x16, xd, xs, qmax=XMAX):
     """Row t of x (N, D) f32 -> x16[t] (D,) integers of at most qmax (XMAX in int16, or XMAX8 in an
     int8 x16), xd[t] (ceil(D/256),) scales, xs[t] (D//16,) int32 group sums. Round to nearest; a
     non-finite block gets a NaN scale."""
-    D, xi = x.shape[1], x.view(np.int32)
     for c in range(xd.shape[1]):
-        o = QB * c
-        n = min(QB, D - o)
-        amax = _amax(xi, t, o, n)
-        if not amax < np.inf:   # let a non-finite value reach the output, not an int overflow
-            xd[t, c] = np.nan
-            for l in range(n):
-                x16[t, o + l] = 0
-            continue
+        quantize_block(x, t, c, x16, xd, xs, qmax)
+
+
+@njit(inline="always")
+def quantize_block(x, t, c, x16, xd, xs, qmax):
+    """quantize_row's block c of row t alone: values QB c .. QB c + QB - 1 (fewer in a last block) and their
+    group sums."""
+    D, xi, o = x.shape[1], x.view(np.int32), QB * c
+    n = min(QB, D - o)
+    amax = _amax(xi, t, o, n)
+    if not amax < np.inf:   # let a non-finite value reach the output, not an int overflow
+        xd[t, c] = np.nan
+        for l in range(n):
+            x16[t, o + l] = 0
+    else:
         d = amax / f32(qmax)
         inv = f32(1) / d if amax > 0 else f32(0)
         xd[t, c] = d
         for l in range(n):
             x16[t, o + l] = np.rint(x[t, o + l] * inv)
-    for g in range(xs.shape[1]):
+    for g in range(o // GROUP, min((o + QB) // GROUP, xs.shape[1])):
         s = i32(0)
         for l in range(GROUP):
             s = i32(s + x16[t, GROUP * g + l])
@@ -127,26 +133,31 @@ def quantize_row32(x, t, x8, xd, xo):
     (llama.cpp's Q8_0 activations), and xo[t, 8b:8b + 8] = (-16 * block b's sum of x8, 0, .., 0), the int32
     lanes a BYTE_DOT32 block's dot starts from or scales its min by (blocks.py `_block1_32`). D: a multiple of
     32. Round to nearest; a non-finite block gets a NaN scale."""
-    xi = x.view(np.int32)
     for c in range(xd.shape[1]):
-        o = 32 * c
-        amax = _amax(xi, t, o, 32)
-        for l in range(8):
-            xo[t, 8 * c + l] = 0
-        if not amax < np.inf:
-            xd[t, c] = np.nan
-            for l in range(32):
-                x8[t, o + l] = 0
-            continue
-        d = amax / f32(XMAX8)
-        inv = f32(1) / d if amax > 0 else f32(0)
-        xd[t, c] = d
-        total = i32(0)
+        quantize_block32(x, t, c, x8, xd, xo)
+
+
+@njit(inline="always")
+def quantize_block32(x, t, c, x8, xd, xo):
+    """quantize_row32's block c of row t alone (values 32 c .. 32 c + 31)."""
+    o = 32 * c
+    amax = _amax(x.view(np.int32), t, o, 32)
+    for l in range(8):
+        xo[t, 8 * c + l] = 0
+    if not amax < np.inf:
+        xd[t, c] = np.nan
         for l in range(32):
-            q = i32(np.rint(x[t, o + l] * inv))
-            x8[t, o + l] = q
-            total += q
-        xo[t, 8 * c] = -16 * total
+            x8[t, o + l] = 0
+        return
+    d = amax / f32(XMAX8)
+    inv = f32(1) / d if amax > 0 else f32(0)
+    xd[t, c] = d
+    total = i32(0)
+    for l in range(32):
+        q = i32(np.rint(x[t, o + l] * inv))
+        x8[t, o + l] = q
+        total += q
+    xo[t, 8 * c] = -16 * total
 
 
 def rows_dot(t, w, e, r0, r1, src, n_src, x16, xd, xs, xf, res, x8q):

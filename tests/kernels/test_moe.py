@@ -324,3 +324,24 @@ def test_any_cut_into_chunks_gives_the_same_bits(monkeypatch, share, small):
     monkeypatch.setattr(cpu, "FIRST_SHARE", share)
     monkeypatch.setattr(cpu, "SMALL_CHUNKS", small)
     assert np.array_equal(cpu.moe_ffn(x, ids, w, ex), want)
+
+
+@pytest.mark.parametrize("down, F", [(T_.Q5_0, 352), (T_.Q4_K, 512), (T_.Q8_0, 352), (T_.BF16, 352)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_h_quantized_inside_step_2_gives_the_same_bits(monkeypatch, down, F):
+    """Calls of up to H_IN_STEP2_PAIRS pairs quantize h inside step 2: the thread whose chunk completes a
+    unit of h's columns (32 where h goes in 8 bits in blocks of 32: Q5_0; else 256, the last unit partial
+    where F = 352: Q8_0's 11 bits) quantizes it for every pair. The same bits as step 3's own parallel step,
+    for chunks that cut across units and for calls with tiles of eight (T = 17)."""
+    rng = np.random.default_rng(12)
+    ex = experts_of(T_.Q4_K, 256, F, rng, down=down)
+    for T, K in [(1, 6), (3, 8), (17, 3)]:
+        x = rng.standard_normal((T, 256), dtype=np.float32)
+        ids, w = routing(T, K, rng)
+        monkeypatch.setattr(cpu, "H_IN_STEP2_PAIRS", 0)
+        want = cpu.moe_ffn(x, ids, w, ex)
+        monkeypatch.setattr(cpu, "H_IN_STEP2_PAIRS", 64)
+        for share, small in [(75, 4), (0, 7), (50, 64)]:
+            monkeypatch.setattr(cpu, "FIRST_SHARE", share)
+            monkeypatch.setattr(cpu, "SMALL_CHUNKS", small)
+            assert np.array_equal(cpu.moe_ffn(x, ids, w, ex), want), (T, K, share, small)
