@@ -11,7 +11,8 @@ One call does, with the pairs grouped by expert and experts without tokens skipp
   4. out[t] = sum_k w * down h                                      parallel over row ranges of D
 In calls of up to H_IN_STEP2_PAIRS pairs (a decode step's one token) step 3 has no parallel step of its
 own: h's columns fall into units of whole quantization blocks, and the thread whose chunk completes a unit
-quantizes it for every pair.
+quantizes it for every pair; steps 2 and 4 then share one parallel region (ONE_REGION), one fork / join per
+call instead of three (the layer 1.04-1.06x for V2-Lite at one token, kernels/cpu/NOTES.md).
 Where an expert has rows.TILE8_MIN pairs or more and its projections have tiles (rows.TILED: those on 8-bit
 input, and Q8_0, whose tiles take its input in 8 bits beside the 11 of its rows), steps 1 and 3 also
 interleave its inputs into tiles of eight tokens (rows.py interleave8), once per call, which steps 2 and 4 dot
@@ -65,6 +66,8 @@ SMALL_CHUNKS = 4
 SERIAL_QUANTIZE = 4  # calls of up to this many tokens quantize x in the calling thread (decode: one token)
 # calls of up to this many (token, expert) pairs quantize h inside step 2 (see the docstring); read at each call
 H_IN_STEP2_PAIRS = 64
+# such calls also run steps 2 and 4 in one parallel region (one fork / join less); read at each call
+ONE_REGION = True
 SPINS = 1 << 20      # polls of its flag per compiled call of LayerCall.synced (~0.1-0.3 s), then Python looks again
 
 
@@ -310,11 +313,12 @@ def _interleave_experts(a8q, src, start, active, tile0, a_tiles):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, h_in_step2, x8q,
-               x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
+def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, h_in_step2,
+               one_region, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
     """x (T, D) f32, ids (T, K) int64, wts (T, K) f32 -> out (T, D) f32; the rest is scratch (see LayerCall).
     Steps 2 and 4 run on n_threads threads: first_share % of the rows in one chunk each, the rest in
-    small_per_thread chunks each. Calls of up to h_in_step2 pairs quantize h inside step 2.
+    small_per_thread chunks each. Calls of up to h_in_step2 pairs quantize h inside step 2, and with
+    one_region run steps 2 and 4 in one parallel region.
     x8q: x in 8 bits for the gate / up projections (rows.py rows_dot), and x16 / xd / xs x in 11 bits; either
     may have no rows when no projection reads it. h8q and h16 / hd / hs: the same for h, the down projection's
     input.
@@ -329,11 +333,13 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
     E, F, D = gate.shape[0], gate.shape[1], down.shape[1]
     start, pair_tok, pair_w, active = _route(ids, wts, E)
     x_tile0, h_tile0 = _tile_starts(start, x_tiles[0].shape[0]), _tile_starts(start, h_tiles[0].shape[0])
-    # chunks handed out in step 2 (at 0) and step 4 (at 8: own cache line); zeroed one by one, as Numba makes an
-    # np.zeros in a parallel function a parallel step of its own (a fork / join, ~8 us, at every call)
-    claimed = np.empty(16, np.int64)
+    # chunks handed out in step 2 (at 0) and step 4 (at 8: own cache line), step 2's rows done (at 16); zeroed
+    # one by one, as Numba makes an np.zeros in a parallel function a parallel step of its own (a fork / join,
+    # ~8 us, at every call)
+    claimed = np.empty(24, np.int64)
     claimed[0] = 0
     claimed[8] = 0
+    claimed[16] = 0
     n_pairs = pair_tok.shape[0]
     fused = n_pairs <= h_in_step2
     unit = _h_unit(h16, h8q)
@@ -348,26 +354,37 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
             _quantize_x(x, t, x16, xd, xs, x8q)
     if x_tile0[E]:
         _interleave_experts(x8q, pair_tok, start, active, x_tile0, x_tiles)
-    for step in range(2):
+    # steps 2 and 4 in one parallel region where nothing runs between them (h quantized inside step 2, no tiles
+    # to interleave): a thread that finds no step 2 chunk left waits until every column of h is written and
+    # quantized (claimed[16], counted after each chunk), then claims step 4 chunks; it waits only on chunks
+    # other threads have claimed and are running, so the wait always ends. Else a region per step.
+    merged = fused and one_region != 0 and h_tile0[E] == 0
+    for region in range(1 if merged else 2):
         # one prange for both weight steps: Numba compiles each prange into a function of its own, and the
         # heavy kernels then once instead of twice (the first compile takes ~25 s less)
-        rows = F if step == 0 else D
-        big = rows * first_share // 100 // n_threads * n_threads   # rows in the first chunks, one per thread
-        n_small = min(rows - big, n_threads * small_per_thread)
         for u in prange(n_threads):
-            c = _claim(claimed, 8 * step)
-            while c < n_threads + n_small:
-                r0, r1 = _chunk(c, n_threads, big, n_small, rows)
-                if step == 0:
-                    _gate_up_rows(tg, tu, gate, up, r0, r1, active, start, pair_tok, x16, xd, xs, x, h, x8q, x_tiles,
-                                  x_tile0)
-                    if fused:
-                        _quantize_filled(h, r0, r1, unit, filled, n_pairs, h16, hd, hs, h8q)
-                else:
-                    _down_rows(td, down, r0, r1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, h8q, h_tiles,
-                               h_tile0)
+            for step in range(region, 2 if merged else region + 1):
+                if step == 1 and merged:
+                    while _load_acquire(claimed, 16) < F:
+                        _pause()
+                rows = F if step == 0 else D
+                big = rows * first_share // 100 // n_threads * n_threads   # the first chunks' rows, one each
+                n_small = min(rows - big, n_threads * small_per_thread)
                 c = _claim(claimed, 8 * step)
-        if step == 0:
+                while c < n_threads + n_small:
+                    r0, r1 = _chunk(c, n_threads, big, n_small, rows)
+                    if step == 0:
+                        _gate_up_rows(tg, tu, gate, up, r0, r1, active, start, pair_tok, x16, xd, xs, x, h, x8q,
+                                      x_tiles, x_tile0)
+                        if fused:
+                            _quantize_filled(h, r0, r1, unit, filled, n_pairs, h16, hd, hs, h8q)
+                        if merged:
+                            _add_acq_rel(claimed, 16, r1 - r0)
+                    else:
+                        _down_rows(td, down, r0, r1, active, start, pair_tok, pair_w, h16, hd, hs, h, out, h8q,
+                                   h_tiles, h_tile0)
+                    c = _claim(claimed, 8 * step)
+        if region == 0 and not merged:
             if not fused:
                 for p in prange(n_pairs):
                     _quantize_x(h, p, h16, hd, hs, h8q)
@@ -377,8 +394,8 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
 
 @njit(cache=True, nogil=True)
 def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu, td, n_threads,
-                  first_share, small_per_thread, h_in_step2, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles,
-                  h_tiles):
+                  first_share, small_per_thread, h_in_step2, one_region, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out,
+                  x_tiles, h_tiles):
     """_moe_layer once sync[i_ready] >= step (the inputs' writer sets it after the inputs), then
     sync[i_done] = step. Returns 1 when the layer ran (or had no pair to run: all ids -1, as when every
     expert of the token is the GPU's), 0 when `spins` polls went by without the flag, -1 when
@@ -395,7 +412,7 @@ def _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate
         _pause()
     if ids.max() >= 0:      # no pair: nothing to compute, and the GPU does not read out (handoff.py, busy)
         _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, h_in_step2,
-                   x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
+                   one_region, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
     _store_release(sync, i_done, step)
     return 1
 
@@ -409,16 +426,17 @@ def _for_types(tg: int, tu: int, td: int):
     compiles (rows.py rows_dot), so a process compiles only the types its model has; and from Python, a call
     with the types as arguments would go through Numba's literal dispatch every time (~2 ms a call)."""
     if (tg, tu, td) not in _by_types:
-        def layer(x, ids, wts, gate, up, down, n_threads, first_share, small_per_thread, h_in_step2, x8q, x16, xd,
-                  xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
+        def layer(x, ids, wts, gate, up, down, n_threads, first_share, small_per_thread, h_in_step2, one_region, x8q,
+                  x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
             _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, small_per_thread, h_in_step2,
-                       x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
+                       one_region, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
 
         def synced(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, n_threads, first_share,
-                   small_per_thread, h_in_step2, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles):
+                   small_per_thread, h_in_step2, one_region, x8q, x16, xd, xs, h, h8q, h16, hd, hs, out, x_tiles,
+                   h_tiles):
             return _synced_layer(sync, i_ready, i_done, i_abort, step, spins, x, ids, wts, gate, up, down, tg, tu,
-                                 td, n_threads, first_share, small_per_thread, h_in_step2, x8q, x16, xd, xs, h, h8q,
-                                 h16, hd, hs, out, x_tiles, h_tiles)
+                                 td, n_threads, first_share, small_per_thread, h_in_step2, one_region, x8q, x16, xd,
+                                 xs, h, h8q, h16, hd, hs, out, x_tiles, h_tiles)
         _by_types[tg, tu, td] = njit(cache=True, nogil=True)(layer), njit(cache=True, nogil=True)(synced)
     return _by_types[tg, tu, td]
 
@@ -508,7 +526,8 @@ class LayerCall:
             many = np.flatnonzero(counts >= least)
             if len(many):      # the row kernels see those pairs as computed elsewhere (-1)
                 inputs = (inputs[0], np.where(np.isin(ids, many), -1, ids)) + inputs[2:]
-        self._layer(*inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, H_IN_STEP2_PAIRS, *self._scratch)
+        self._layer(*inputs, numba.get_num_threads(), FIRST_SHARE, SMALL_CHUNKS, H_IN_STEP2_PAIRS, ONE_REGION,
+                    *self._scratch)
         if len(many):
             x, wts = self._inputs[0], self._inputs[2]
             gemm.add_experts(x, ids, wts, self.experts, many, self.out)
@@ -525,7 +544,7 @@ class LayerCall:
         deadline = None
         while True:
             ran = self._synced(sync, i_ready, i_done, i_abort, step, SPINS, *self._inputs, numba.get_num_threads(),
-                               FIRST_SHARE, SMALL_CHUNKS, H_IN_STEP2_PAIRS, *self._scratch)
+                               FIRST_SHARE, SMALL_CHUNKS, H_IN_STEP2_PAIRS, ONE_REGION, *self._scratch)
             if ran:
                 return ran > 0
             now = time.monotonic()

@@ -328,11 +328,13 @@ def test_any_cut_into_chunks_gives_the_same_bits(monkeypatch, share, small):
 
 @pytest.mark.parametrize("down, F", [(T_.Q5_0, 352), (T_.Q4_K, 512), (T_.Q8_0, 352), (T_.BF16, 352)],
                          ids=lambda v: getattr(v, "name", str(v)))
-def test_h_quantized_inside_step_2_gives_the_same_bits(monkeypatch, down, F):
+def test_h_inside_step_2_and_one_region_give_the_same_bits(monkeypatch, down, F):
     """Calls of up to H_IN_STEP2_PAIRS pairs quantize h inside step 2: the thread whose chunk completes a
     unit of h's columns (32 where h goes in 8 bits in blocks of 32: Q5_0; else 256, the last unit partial
-    where F = 352: Q8_0's 11 bits) quantizes it for every pair. The same bits as step 3's own parallel step,
-    for chunks that cut across units and for calls with tiles of eight (T = 17)."""
+    where F = 352: Q8_0's 11 bits) quantizes it for every pair; with ONE_REGION steps 2 and 4 then run in one
+    parallel region, whose threads wait for every column of h before step 4. The same bits as steps of their
+    own, for chunks that cut across units and for calls with tiles of eight (T = 17: h's tiles keep the
+    regions apart)."""
     rng = np.random.default_rng(12)
     ex = experts_of(T_.Q4_K, 256, F, rng, down=down)
     for T, K in [(1, 6), (3, 8), (17, 3)]:
@@ -341,7 +343,10 @@ def test_h_quantized_inside_step_2_gives_the_same_bits(monkeypatch, down, F):
         monkeypatch.setattr(cpu, "H_IN_STEP2_PAIRS", 0)
         want = cpu.moe_ffn(x, ids, w, ex)
         monkeypatch.setattr(cpu, "H_IN_STEP2_PAIRS", 64)
-        for share, small in [(75, 4), (0, 7), (50, 64)]:
-            monkeypatch.setattr(cpu, "FIRST_SHARE", share)
-            monkeypatch.setattr(cpu, "SMALL_CHUNKS", small)
-            assert np.array_equal(cpu.moe_ffn(x, ids, w, ex), want), (T, K, share, small)
+        for one_region in (False, True):
+            monkeypatch.setattr(cpu, "ONE_REGION", one_region)
+            for share, small in [(75, 4), (0, 7), (50, 64)]:
+                monkeypatch.setattr(cpu, "FIRST_SHARE", share)
+                monkeypatch.setattr(cpu, "SMALL_CHUNKS", small)
+                got = cpu.moe_ffn(x, ids, w, ex)
+                assert np.array_equal(got, want), (T, K, one_region, share, small)
