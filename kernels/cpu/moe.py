@@ -50,8 +50,7 @@ from numba.extending import intrinsic, overload
 from dslocal.kernels.cpu import gemm
 from dslocal.kernels.cpu.rows import (BYTE_DOT, BYTE_DOT32, QB, TILE8_MIN, TILED, XMAX, XMAX8, activation_shapes,
                                       activation_shapes32, in_blocks_of_32, interleave8, quantize_block,
-                                      quantize_block32, quantize_row, quantize_row32, rows_dot, rows_dot_tiles,
-                                      tile_shapes)
+                                      quantize_block32, rows_dot, rows_dot_tiles, tile_shapes)
 from dslocal.kernels.experts import ExpertTensors
 from dslocal.quant.ggml import GGMLType
 
@@ -245,17 +244,21 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
 
 
 @njit(inline="always")
-def _quantize_x(x, t, x16, xd, xs, x8q):
-    """Row t of x in 11 bits and / or in 8 bits, as the layer's projections need (buffers of no rows: not);
-    8 bits in blocks of 32 where x8q has that shape (rows.py activation_shapes32)."""
+def _quantize_x(x, t, c0, c1, x16, xd, xs, x8q):
+    """Columns c0:c1 of row t of x (0, D: the row; else whole blocks of every form below) in 11 bits and / or
+    in 8 bits, as the layer's projections need (buffers of no rows: not); 8 bits in blocks of 32 where x8q
+    has that shape (rows.py activation_shapes32). The same bits as rows.py quantize_row / quantize_row32."""
     x8, xd8, xs8 = x8q
     if x16.shape[0]:
-        quantize_row(x, t, x16, xd, xs)
+        for c in range(c0 // QB, (c1 + QB - 1) // QB):
+            quantize_block(x, t, c, x16, xd, xs, XMAX)
     if x8.shape[0]:
         if in_blocks_of_32(x8, xd8):
-            quantize_row32(x, t, x8, xd8, xs8)
+            for c in range(c0 // 32, c1 // 32):
+                quantize_block32(x, t, c, x8, xd8, xs8)
         else:
-            quantize_row(x, t, x8, xd8, xs8, XMAX8)
+            for c in range(c0 // QB, (c1 + QB - 1) // QB):
+                quantize_block(x, t, c, x8, xd8, xs8, XMAX8)
 
 
 @njit(inline="always")
@@ -269,23 +272,15 @@ def _h_unit(h16, h8q):
 @njit(inline="always")
 def _quantize_filled(h, r0, r1, unit, filled, n_pairs, h16, hd, hs, h8q):
     """Columns r0:r1 of h are written for every pair: count them into their units (filled), and quantize
-    each unit this completes for every pair, as _quantize_x would. The counts are acquire / release adds,
+    each unit this completes for every pair. The counts are acquire / release adds,
     so the thread that completes a unit sees the columns the other threads wrote."""
     F = h.shape[1]
-    h8, hd8, hs8 = h8q
     for u in range(r0 // unit, (r1 + unit - 1) // unit):
-        lo, hi = max(r0, u * unit), min(r1, (u + 1) * unit)
-        if _add_acq_rel(filled, u, hi - lo) + hi - lo < min(unit, F - u * unit):
-            continue
-        for p in range(n_pairs):
-            if h16.shape[0]:
-                quantize_block(h, p, u * unit // QB, h16, hd, hs, XMAX)
-            if h8.shape[0]:
-                if in_blocks_of_32(h8, hd8):
-                    for c in range(u * unit // 32, min((u + 1) * unit, F) // 32):
-                        quantize_block32(h, p, c, h8, hd8, hs8)
-                else:
-                    quantize_block(h, p, u * unit // QB, h8, hd8, hs8, XMAX8)
+        c0, c1 = u * unit, min((u + 1) * unit, F)
+        n = min(r1, c1) - max(r0, c0)                   # the unit's columns in this chunk
+        if _add_acq_rel(filled, u, n) + n == c1 - c0:   # the unit's last columns
+            for p in range(n_pairs):
+                _quantize_x(h, p, c0, c1, h16, hd, hs, h8q)
 
 
 @njit(cache=True, nogil=True)
@@ -348,10 +343,10 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
         filled[u] = 0
     if T > SERIAL_QUANTIZE:
         for t in prange(T):
-            _quantize_x(x, t, x16, xd, xs, x8q)
+            _quantize_x(x, t, 0, x.shape[1], x16, xd, xs, x8q)
     else:        # a few rows: cheaper in this thread than a parallel step (one fork / join, ~8 us)
         for t in range(T):
-            _quantize_x(x, t, x16, xd, xs, x8q)
+            _quantize_x(x, t, 0, x.shape[1], x16, xd, xs, x8q)
     if x_tile0[E]:
         _interleave_experts(x8q, pair_tok, start, active, x_tile0, x_tiles)
     # steps 2 and 4 in one parallel region where nothing runs between them (h quantized inside step 2, no tiles
@@ -387,7 +382,7 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
         if region == 0 and not merged:
             if not fused:
                 for p in prange(n_pairs):
-                    _quantize_x(h, p, h16, hd, hs, h8q)
+                    _quantize_x(h, p, 0, F, h16, hd, hs, h8q)
             if h_tile0[E]:
                 _interleave_experts(h8q, np.arange(pair_tok.shape[0]), start, active, h_tile0, h_tiles)
 
