@@ -244,10 +244,16 @@ def _down_rows(td, down, d0, d1, active, start, pair_tok, pair_w, h16, hd, hs, h
 
 
 @njit(inline="always")
-def _quantize_x(x, t, c0, c1, x16, xd, xs, x8q):
-    """Columns c0:c1 of row t of x (0, D: the row; else whole blocks of every form below) in 11 bits and / or
-    in 8 bits, as the layer's projections need (buffers of no rows: not); 8 bits in blocks of 32 where x8q
-    has that shape (rows.py activation_shapes32). The same bits as rows.py quantize_row / quantize_row32."""
+def _quantize_x(x, t, x16, xd, xs, x8q):
+    """Row t of x in 11 bits and / or in 8 bits, as the layer's projections need (buffers of no rows: not);
+    8 bits in blocks of 32 where x8q has that shape (rows.py activation_shapes32). The same bits as rows.py
+    quantize_row / quantize_row32."""
+    _quantize_cols(x, t, 0, x.shape[1], x16, xd, xs, x8q)
+
+
+@njit(inline="always")
+def _quantize_cols(x, t, c0, c1, x16, xd, xs, x8q):
+    """_quantize_x for columns c0:c1 of row t alone, whole blocks of every form x goes in."""
     x8, xd8, xs8 = x8q
     if x16.shape[0]:
         for c in range(c0 // QB, (c1 + QB - 1) // QB):
@@ -280,7 +286,7 @@ def _quantize_filled(h, r0, r1, unit, filled, n_pairs, h16, hd, hs, h8q):
         n = min(r1, c1) - max(r0, c0)                   # the unit's columns in this chunk
         if _add_acq_rel(filled, u, n) + n == c1 - c0:   # the unit's last columns
             for p in range(n_pairs):
-                _quantize_x(h, p, c0, c1, h16, hd, hs, h8q)
+                _quantize_cols(h, p, c0, c1, h16, hd, hs, h8q)
 
 
 @njit(cache=True, nogil=True)
@@ -343,10 +349,10 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
         filled[u] = 0
     if T > SERIAL_QUANTIZE:
         for t in prange(T):
-            _quantize_x(x, t, 0, x.shape[1], x16, xd, xs, x8q)
+            _quantize_x(x, t, x16, xd, xs, x8q)
     else:        # a few rows: cheaper in this thread than a parallel step (one fork / join, ~8 us)
         for t in range(T):
-            _quantize_x(x, t, 0, x.shape[1], x16, xd, xs, x8q)
+            _quantize_x(x, t, x16, xd, xs, x8q)
     if x_tile0[E]:
         _interleave_experts(x8q, pair_tok, start, active, x_tile0, x_tiles)
     # steps 2 and 4 in one parallel region where nothing runs between them (h quantized inside step 2, no tiles
@@ -382,7 +388,7 @@ def _moe_layer(x, ids, wts, gate, up, down, tg, tu, td, n_threads, first_share, 
         if region == 0 and not merged:
             if not fused:
                 for p in prange(n_pairs):
-                    _quantize_x(h, p, 0, F, h16, hd, hs, h8q)
+                    _quantize_x(h, p, h16, hd, hs, h8q)
             if h_tile0[E]:
                 _interleave_experts(h8q, np.arange(pair_tok.shape[0]), start, active, h_tile0, h_tiles)
 
