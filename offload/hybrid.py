@@ -16,9 +16,9 @@ In a decode step replayed as a CUDA graph the GPU may also take some of the CPU'
 those experts from host memory (`pulled`, kernels/gpu/pull.py). A pair (token, expert) is computed on
 exactly one side: the other side sees its id as -1. The token
 embedding and the output head live where the plan says; the latent cache is on the GPU. With the device
-"cpu" the same code runs everything on the CPU (torch for attention, Numba for experts, and for the linear
-layers of a decode step, which read their GGUF blocks: BlockLinear): the CPU-only mode, and the way tests
-exercise every placement without a GPU.
+"cpu" the same code runs everything on the CPU (Numba for experts, and for a decode step's linear layers and
+attention, which read their GGUF blocks: BlockLinear, BlockAttention; torch for prompts): the CPU-only mode,
+and the way tests exercise every placement without a GPU.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dslocal.kernels.cpu import linear as cpu_linear
+from dslocal.kernels.cpu import mla as cpu_mla
 from dslocal.kernels.cpu import moe as cpu_moe
 from dslocal.kernels.experts import ExpertTensors, from_gguf
 from dslocal.offload.cpu_worker import ExpertWorker
@@ -37,7 +38,7 @@ from dslocal.offload.prefill import STREAM_MIN_TOKENS, ExpertStreamer
 from dslocal.quant.ggml import GGMLType
 from dslocal.quant.gguf_file import GGUFFile
 from dslocal.runtime.config import ModelConfig
-from dslocal.runtime.model import DeepSeek, Linear, MoE, fused
+from dslocal.runtime.model import MLA, DeepSeek, LatentCache, Linear, MoE, fused
 from dslocal.runtime.weights import gguf_names, load_model
 
 
@@ -63,18 +64,63 @@ class BlockLinear(nn.Module):
         if blocks.shape[0] != dense.out_features:
             raise ValueError(f"{blocks.shape[0]} rows of blocks for a layer of {dense.out_features} outputs")
         self.dense, self.blocks, self.ggml_type = dense, blocks, ggml_type
+        self._one_row = None     # a cpu_linear.LinearCall for one row, made at the first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if x.device.type != "cpu" or not 0 < rows <= cpu_linear.MAX_ROWS or (x.requires_grad and
                                                                                torch.is_grad_enabled()):
             return self.dense(x)
-        y = cpu_linear.linear(x.detach().reshape(rows, -1).float().numpy(), self.blocks, self.ggml_type)
+        x_rows = x.detach().reshape(rows, -1).float().numpy()
+        if rows == 1:
+            if self._one_row is None:
+                self._one_row = cpu_linear.LinearCall(self.blocks[None], self.ggml_type, 1, x.shape[-1])
+            self._one_row.x[...] = x_rows
+            y = self._one_row().copy()
+        else:
+            y = cpu_linear.linear(x_rows, self.blocks, self.ggml_type)
         return torch.from_numpy(y).to(x.dtype).view(*x.shape[:-1], -1)
 
 
+class BlockAttention:
+    """MLA's attention for a decode step of a model run on the CPU (runtime/model.py MLA.cpu_decode): the new
+    tokens' latent into the cache, the absorbed products with attn_k_b / attn_v_b from their GGUF blocks, the
+    attention over the cache, all in Numba (kernels/cpu/mla.py). A file with attn_kv_b instead (older
+    conversions) has no rows to read for the key half: both products then read float32 copies."""
+
+    def __init__(self, mla: MLA, k_b: tuple[np.ndarray, GGMLType] | None, v_b: tuple[np.ndarray, GGMLType] | None):
+        """k_b, v_b: the blocks (H, C, row bytes) and (H, Vh, row bytes) and their type, or None for both."""
+        if k_b is None or v_b is None:
+            wk = mla.wk_b.detach().float().transpose(1, 2).contiguous().numpy()           # (H, C, N)
+            wv = mla.wv_b.detach().float().contiguous().numpy()                            # (H, Vh, C)
+            k_b, v_b = (wk.view(np.uint8), GGMLType.F32), (wv.view(np.uint8), GGMLType.F32)
+        self.mla, self.k_b, self.v_b = mla, k_b, v_b
+        self._calls = {}     # T -> the two products as cpu_linear.LinearCalls on fixed buffers
+
+    def __call__(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
+                 layer: int, start: int) -> torch.Tensor:
+        """q (T, H, N + R), kv (T, C + R) of a sequence's new tokens at start.. -> the heads' outputs (T, H * Vh)
+        float32, before the output projection; the cache (float32) gets their latent."""
+        m = self.mla
+        T = q.shape[0]
+        if T not in self._calls:
+            self._calls[T] = (cpu_linear.LinearCall(*self.k_b, T, m.N), cpu_linear.LinearCall(*self.v_b, T, m.C),
+                              np.empty((T, m.H, m.R), np.float32))
+        k_call, v_call, q_pe = self._calls[T]
+        q_nope, q_lat, o_lat = (a.reshape(m.H, T, -1) for a in (k_call.x, k_call.out, v_call.x))   # views
+        cache_kv, cache_pe = cache.kv[layer, 0].numpy(), cache.pe[layer, 0].numpy()
+        q, kv = (np.ascontiguousarray(a.float().numpy()) for a in (q, kv))
+        cpu_mla.latent_in(q, kv, m.kv_norm.weight.detach().numpy(), m.kv_norm.eps, cos.numpy(), sin.numpy(),
+                          cache_kv, cache_pe, start, q_nope, q_pe)
+        k_call()                                                                           # q_lat (H, T, C)
+        cpu_mla.attend(q_lat, q_pe, cache_kv, cache_pe, start, m.scale, o_lat)
+        o = v_call().reshape(m.H, T, -1)                                                   # (H, T, Vh)
+        return torch.from_numpy(o.transpose(1, 0, 2).reshape(T, -1))
+
+
 def use_blocks(model: DeepSeek, f: GGUFFile, cfg: ModelConfig) -> int:
-    """Give every linear layer of a model on the CPU its GGUF blocks (BlockLinear); returns how many."""
+    """Give every linear layer of a model on the CPU its GGUF blocks (BlockLinear), and the attention of each
+    layer its decode step (BlockAttention); returns how many linear layers."""
     modules = dict(model.named_modules())
     n = 0
     for pname, gname in gguf_names(cfg).items():
@@ -90,6 +136,13 @@ def use_blocks(model: DeepSeek, f: GGUFFile, cfg: ModelConfig) -> int:
         parent = modules[parent_name] if parent_name else model
         setattr(parent, child, BlockLinear(dense, f.raw(gname), f.tensors[gname].ggml_type))
         n += 1
+    for i, block in enumerate(model.layers):
+        k, v = f"blk.{i}.attn_k_b.weight", f"blk.{i}.attn_v_b.weight"
+        if k in f.tensors and v in f.tensors:
+            block.attn.cpu_decode = BlockAttention(block.attn, (f.raw(k), f.tensors[k].ggml_type),
+                                                   (f.raw(v), f.tensors[v].ggml_type))
+        else:
+            block.attn.cpu_decode = BlockAttention(block.attn, None, None)
     return n
 
 
@@ -117,6 +170,7 @@ class OffloadedMoE(nn.Module):
         self.graph_step = None   # set by offload/graphs.py while it runs or captures a decode step
         self.pulled = None       # kernels/gpu/pull.py PulledExperts: a decode step's share read by the GPU
         self.registration = None   # kernels/gpu/pull.py HostRegistration of the experts' pages, if any
+        self._one_token = None     # (x, ids, weights) buffers and their LayerCall: see _cpu_experts
         slot = torch.full((E,), -1, dtype=torch.long)                     # expert id -> index in self.gpu
         slot[gpu_ids] = torch.arange(self.n_gpu)
         cpu_id = torch.arange(E)
@@ -151,11 +205,25 @@ class OffloadedMoE(nn.Module):
             y += self.streamer.layer_experts(self.stream_index, x, cpu_ids, w)
         elif self.n_cpu:
             if self.worker is None:
-                y_cpu = cpu_moe.moe_ffn(x.float().cpu(), cpu_ids.cpu(), w.cpu(), self.experts)
+                y_cpu = self._cpu_experts(x, cpu_ids, w)
             else:
                 y_cpu = self.worker.wait()      # a reused pinned buffer: copied before the next submit
             y += y_cpu.to(y.device, non_blocking=True)
         return y.to(x.dtype).view(shape)
+
+    def _cpu_experts(self, x: torch.Tensor, cpu_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The CPU's experts in the calling thread, (M, D) float32 on the CPU. One token on the CPU (a decode
+        step of a model run there) goes through a LayerCall kept on fixed buffers: no checks or scratch
+        allocations per step; its result is overwritten by the next."""
+        if x.shape[0] != 1 or x.device.type != "cpu":
+            return cpu_moe.moe_ffn(x.float().cpu(), cpu_ids.cpu(), w.cpu(), self.experts)
+        if self._one_token is None:      # numpy: torch buffers made in inference mode are read-only outside it
+            buffers = (np.empty(x.shape, np.float32), np.empty(w.shape, np.int64), np.empty(w.shape, np.float32))
+            self._one_token = buffers, cpu_moe.LayerCall(*buffers, self.experts)
+        buffers, call = self._one_token
+        for buffer, a in zip(buffers, (x.float(), cpu_ids, w.float())):
+            buffer[...] = a.detach().numpy()
+        return torch.from_numpy(call())
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (M, D) -> expert ids, weights and CPU ids (the id, or -1 for a GPU expert), each (M, K); the

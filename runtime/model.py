@@ -131,7 +131,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-DECODE_TOKENS = 4   # new tokens up to which a GPU forward with a cache uses the decode attention kernel
+DECODE_TOKENS = 4   # new tokens up to which a forward with a cache uses the decode attention kernels (GPU, CPU)
 
 
 class LatentCache:
@@ -170,6 +170,8 @@ class MLA(nn.Module):
         self.act_k_b: str | None = None   # activation rounding for the wk_b and wv_b products
         self.act_v_b: str | None = None
         self.w_in: torch.Tensor | None = None   # both input projections' weights in one (merge_input_projections)
+        # a model run on the CPU: a few new tokens' attention from q and kv, as offload/hybrid.py BlockAttention
+        self.cpu_decode = None
 
     def merge_input_projections(self) -> None:
         """Let one matrix product compute both projections of x (wq or wq_a, and wkv_a): their weights become
@@ -189,6 +191,10 @@ class MLA(nn.Module):
         if not hasattr(self, "wq"):
             q = self.wq_b(self.q_norm(q))
         q = q.view(B, T, self.H, self.N + self.R)
+        if (self.cpu_decode is not None and cache is not None and B == 1 and T <= DECODE_TOKENS and
+                isinstance(start, int) and cache.kv.dtype == torch.float32 and not x.is_cuda and
+                not torch.is_grad_enabled()):
+            return self.wo(self.cpu_decode(q[0], kv[0], cos, sin, cache, layer, start).to(x.dtype)[None])
         if cache is not None and fused(x) and T <= DECODE_TOKENS:
             return self._decode(x, q, kv, cos, sin, cache, layer, start)
         if cache is not None and fused(x):

@@ -1,5 +1,6 @@
-"""kernels/cpu/linear.py::linear (a dense weight's GGUF blocks times a few rows) against x @ W.T on the
-dequantized weight (quant/dequant.py), for every weight type.
+"""kernels/cpu/linear.py::linear (a dense weight's GGUF blocks times a few rows) and heads (a stack of such
+weights, each times rows of its own) against x @ W.T on the dequantized weight (quant/dequant.py), for every
+weight type.
 
 The activation side is rounded as in the routed experts (tests/kernels/test_moe.py, whose tolerances this
 follows): x in 8 bits per 256 values for the K-quants (one rounding: ~6e-5 of the signal for Gaussian x,
@@ -8,7 +9,7 @@ bound 3e-4), 11 bits for the 32-value types (~1e-6, bound 5e-5), none for float 
 import numpy as np
 import pytest
 
-from dslocal.kernels.cpu.linear import MAX_ROWS, linear
+from dslocal.kernels.cpu.linear import MAX_ROWS, heads, linear
 from dslocal.quant.dequant import dequantize
 from dslocal.quant.ggml import GGMLType as T
 from dslocal.quant.quantize import quantize
@@ -37,9 +38,26 @@ def test_linear_matches_the_dequantized_product(t, rows):
     assert nse(y, x.astype(np.float64) @ w.T) < BOUND[t]
 
 
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q8_0, T.Q5_0, T.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_heads_match_each_weights_dequantized_product(t, rows):
+    """5 weights of 77 rows (chunks that span two weights), as MLA's per-head products with the latent."""
+    rng = np.random.default_rng(int(t) * 10 + rows)
+    H, n_in, n_out = 5, 256, 77
+    blocks = quantize(rng.standard_normal((H * n_out, n_in), dtype=np.float32) / np.float32(n_in ** 0.5), t)
+    w = dequantize(blocks, t).astype(np.float64).reshape(H, n_out, n_in)
+    x = rng.standard_normal((H, rows, n_in), dtype=np.float32)
+    y = heads(x, blocks.reshape(H, n_out, -1), t)
+    assert y.shape == (H, rows, n_out) and y.dtype == np.float32
+    for h in range(H):
+        assert nse(y[h], x[h].astype(np.float64) @ w[h].T) < BOUND[t]
+
+
 def test_bad_arguments_are_clear_errors():
     blocks = quantize(np.ones((8, 256), np.float32), T.Q4_K)
     with pytest.raises(ValueError, match="1 to"):
         linear(np.ones((MAX_ROWS + 1, 256), np.float32), blocks, T.Q4_K)
     with pytest.raises(ValueError, match="blocks must be"):
         linear(np.ones((1, 512), np.float32), blocks, T.Q4_K)
+    with pytest.raises(ValueError, match="heads takes"):
+        heads(np.ones((3, 1, 256), np.float32), blocks.reshape(2, 4, -1), T.Q4_K)
