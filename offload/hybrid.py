@@ -38,7 +38,7 @@ from dslocal.offload.prefill import STREAM_MIN_TOKENS, ExpertStreamer
 from dslocal.quant.ggml import GGMLType
 from dslocal.quant.gguf_file import GGUFFile
 from dslocal.runtime.config import ModelConfig
-from dslocal.runtime.model import MLA, DeepSeek, LatentCache, Linear, MoE, fused
+from dslocal.runtime.model import MLA, DeepSeek, LatentCache, Linear, MoE, RMSNorm, fused
 from dslocal.runtime.weights import gguf_names, load_model
 
 
@@ -119,8 +119,8 @@ class BlockAttention:
 
 
 def use_blocks(model: DeepSeek, f: GGUFFile, cfg: ModelConfig) -> int:
-    """Give every linear layer of a model on the CPU its GGUF blocks (BlockLinear), and the attention of each
-    layer its decode step (BlockAttention); returns how many linear layers."""
+    """Give every linear layer of a model on the CPU its GGUF blocks (BlockLinear), the attention of each layer
+    its decode step (BlockAttention), the norms theirs (kernels/cpu/norm.py); returns how many linear layers."""
     modules = dict(model.named_modules())
     n = 0
     for pname, gname in gguf_names(cfg).items():
@@ -136,6 +136,9 @@ def use_blocks(model: DeepSeek, f: GGUFFile, cfg: ModelConfig) -> int:
         parent = modules[parent_name] if parent_name else model
         setattr(parent, child, BlockLinear(dense, f.raw(gname), f.tensors[gname].ggml_type))
         n += 1
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.cpu_kernel = True
     for i, block in enumerate(model.layers):
         k, v = f"blk.{i}.attn_k_b.weight", f"blk.{i}.attn_v_b.weight"
         if k in f.tensors and v in f.tensors:

@@ -92,11 +92,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.cpu_kernel = False   # a model run on the CPU: decode steps through kernels/cpu/norm.py (use_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused(x):
             from dslocal.kernels.gpu.norm import rms_norm
             return rms_norm(x, self.weight, self.eps)[0]
+        if self.cpu_kernel and not x.is_cuda and not torch.is_grad_enabled():
+            from dslocal.kernels.cpu import norm
+            if x.numel() <= norm.MAX_ROWS * x.shape[-1]:
+                return norm.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)

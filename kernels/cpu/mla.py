@@ -17,6 +17,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from dslocal.kernels.cpu.norm import rms_into
+
 
 @njit(cache=True, nogil=True)
 def latent_in(q, kv, norm_w, eps, cos, sin, cache_kv, cache_pe, start, q_nope, q_pe):
@@ -31,12 +33,7 @@ def latent_in(q, kv, norm_w, eps, cos, sin, cache_kv, cache_pe, start, q_nope, q
     C, R = cache_kv.shape[1], cache_pe.shape[1]
     N = q.shape[2] - R
     for i in range(T):
-        ss = np.float32(0.0)
-        for c in range(C):
-            ss += kv[i, c] * kv[i, c]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(C) + np.float32(eps))
-        for c in range(C):
-            cache_kv[start + i, c] = kv[i, c] * inv * norm_w[c]
+        rms_into(kv[i, :C], norm_w, eps, cache_kv[start + i])
         for j in range(R // 2):
             a, b = kv[i, C + 2 * j], kv[i, C + 2 * j + 1]
             cache_pe[start + i, 2 * j] = a * cos[i, j] - b * sin[i, j]

@@ -1,0 +1,44 @@
+"""RMSNorm of a decode step's few rows on the CPU (Numba; runtime/model.py RMSNorm is the reference).
+
+    y = rms_norm(x, weight, eps)     # x (..., D) torch, at most MAX_ROWS rows -> (..., D) as x's dtype
+
+One compiled call in place of torch's eight small operators (~5 us each on the GPU box's cores), twice a
+layer in a decode step of a model run on the CPU; `rms_into` is the same for one row inside other kernels
+(kernels/cpu/mla.py latent_in).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+MAX_ROWS = 4     # longer inputs (prompts) stay with torch, whose operators use every thread
+
+
+@njit(inline="always")
+def rms_into(src, w, eps, dst):
+    """dst = src / sqrt(mean(src^2) + eps) * w for one row (1-D float32 arrays), as torch's RMSNorm rounds it:
+    (src * inv) * w."""
+    n = src.shape[0]
+    ss = np.float32(0.0)
+    for c in range(n):
+        ss += src[c] * src[c]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+    for c in range(n):
+        dst[c] = src[c] * inv * w[c]
+
+
+@njit(cache=True, nogil=True)
+def _rows(x, w, eps, out):
+    for i in range(x.shape[0]):
+        rms_into(x[i], w, eps, out[i])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D) on the CPU, at most MAX_ROWS rows of D values, normed and scaled by weight (D,) float32."""
+    rows = x.detach().reshape(-1, x.shape[-1]).float().numpy()
+    if rows.shape[0] > MAX_ROWS:
+        raise ValueError(f"rms_norm takes at most {MAX_ROWS} rows, got {rows.shape[0]}")
+    out = np.empty(rows.shape, np.float32)
+    _rows(np.ascontiguousarray(rows), weight.detach().numpy(), eps, out)
+    return torch.from_numpy(out).to(x.dtype).view(x.shape)
