@@ -2,9 +2,10 @@
 
 Tiny random DeepseekV2 (V2-Lite style) and DeepseekV3 models are converted to GGUF as llama.cpp converts them
 (hf_to_gguf.py) and loaded by dslocal. Checked: fp32 logits for prefill and for latent-cache decode, in MLA
-files and in legacy attn_kv_b files; F16 files against transformers with its weights rounded to fp16 too; the
-rope pair layout; YaRN frequencies and the attention scale; and Q8_0 / Q6_K / Q4_K files against the F32 file
-of the same weights, with the errors measured here written down as bounds.
+files and in legacy attn_kv_b files, also from the placed runtime's compiled CPU decode steps; F16 files
+against transformers with its weights rounded to fp16 too; the rope pair layout; YaRN frequencies and the
+attention scale; and Q8_0 / Q6_K / Q4_K files against the F32 file of the same weights, with the errors
+measured here written down as bounds.
 
 What transformers 5.x does that the conversion has to respect (read in models/deepseek_v{2,3}/modeling_*.py):
 - Rope: V2 rotates consecutive pairs (view_as_complex); V3 with rope_interleave=True rotates the same pairs and
@@ -160,6 +161,29 @@ def test_yarn_and_attention_scale_match_transformers(kind):
     assert model.model.rotary_emb.attention_scaling == 1.0   # HF's cos/sin factor, 1 in llama.cpp's graph
     for layer in model.model.layers:
         assert cfg.kq_scale == pytest.approx(layer.self_attn.scaling, rel=1e-12)
+
+
+@pytest.mark.parametrize("mla", [True, False], ids=["mla", "kv_b"])
+@pytest.mark.parametrize("kind", ["v2-lite", "v3"])
+def test_placed_cpu_decode_matches_transformers(case, tokens, kind, mla):
+    """The placed runtime on the CPU (offload/hybrid.py): the decode steps' linear layers, attention and norms
+    compiled, on the F32 file's rows (attn_k_b / attn_v_b, or float copies of attn_kv_b's halves)."""
+    from dslocal.offload.hybrid import load_offloaded
+    from dslocal.offload.planner import Budget, Hardware, ModelShape, plan
+    get, gguf = case
+    _, ref = get(kind)
+    with open_gguf(gguf(kind, "f32", mla)) as f:
+        cfg = read_config(f)
+        placement = plan(ModelShape.from_gguf(f, cfg), Hardware(gpu_bytes_free=0), Budget())
+        model = load_offloaded(f, cfg, placement, "cpu", torch.float32, None)
+        seq = tokens[:1]                                        # the compiled steps take one sequence
+        cache = LatentCache(cfg, 1, seq.shape[1], torch.float32, "cpu")
+        with torch.no_grad():
+            steps = [model(seq[:, :N_PREFILL], cache, 0)]
+            steps += [model(seq[:, t:t + 1], cache, t) for t in range(N_PREFILL, seq.shape[1])]
+    err = rel_err(torch.cat(steps, dim=1), ref[:1])
+    print(f"\n{kind} {'mla' if mla else 'kv_b'} placed CPU decode F32: rel err {err:.2e} (bound {FP32_BOUND:.0e})")
+    assert err < FP32_BOUND
 
 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
