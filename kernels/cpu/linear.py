@@ -101,8 +101,8 @@ def _run(x: np.ndarray, blocks: np.ndarray, t: GGMLType, out: np.ndarray) -> Non
 class LinearCall:
     """_linear on fixed buffers, checked and allocated once: write x (E * T, D) (or assign an array of that
     shape), call, read out (E * T, R), which the next call overwrites. A decode step of a model on the CPU
-    keeps one per linear layer (offload/hybrid.py BlockLinear): ~200 calls a step, each ~50 us on the GPU
-    box's cores, where making and checking the buffers cost ~10 us of Python."""
+    keeps one per linear layer (offload/hybrid.py BlockLinear): ~200 calls a step at 50-70 us each on the GPU
+    box (kernels/cpu/NOTES.md), so the Python around each call counts."""
 
     def __init__(self, blocks: np.ndarray, t: GGMLType, T: int, D: int):
         """blocks (E, R, row bytes) of type t, T activation rows per weight (1..MAX_ROWS), D values each."""

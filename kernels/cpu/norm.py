@@ -2,9 +2,9 @@
 
     y = rms_norm(x, weight, eps)     # x (..., D) torch, at most MAX_ROWS rows -> (..., D) as x's dtype
 
-One compiled call in place of torch's eight small operators (~5 us each on the GPU box's cores), twice a
-layer in a decode step of a model run on the CPU; `rms_into` is the same for one row inside other kernels
-(kernels/cpu/mla.py latent_in).
+One compiled call in place of torch's eight small operators, twice a layer in a decode step of a model run
+on the CPU: 1.4-1.6 ms of a 42-48 ms step on the GPU box (kernels/cpu/NOTES.md); `rms_into` is the same for
+one row inside other kernels (kernels/cpu/mla.py latent_in).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ MAX_ROWS = 4     # longer inputs (prompts) stay with torch, whose operators use 
 
 @njit(inline="always")
 def rms_into(src, w, eps, dst):
-    """dst = src / sqrt(mean(src^2) + eps) * w for one row (1-D float32 arrays), as torch's RMSNorm rounds it:
-    (src * inv) * w."""
+    """dst = src / sqrt(mean(src^2) + eps) * w for one row (1-D float32 arrays), the products in torch's
+    order: (src * inv) * w."""
     n = src.shape[0]
     ss = np.float32(0.0)
     for c in range(n):
