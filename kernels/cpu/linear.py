@@ -29,7 +29,7 @@ FLOATS = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 @njit(cache=True, nogil=True, parallel=True)
 def _linear(x, w, t, n_threads, first_share, small_per_thread, x8q, x16, xd, xs, out):
     """out (E * T, R) = rows e * T .. e * T + T - 1 of x (E * T, D) . rows of weight e of w (E, R, row bytes)
-    of type t, for each e (compiled once per type: rows.py rows_dot); the rest is scratch (see _run)."""
+    of type t, for each e (compiled once per type: rows.py rows_dot); the rest is scratch (see LinearCall)."""
     numba.literally(t)
     E, R = w.shape[0], w.shape[1]
     T = x.shape[0] // E
@@ -69,7 +69,7 @@ def linear(x: np.ndarray, blocks: np.ndarray, t: GGMLType, out: np.ndarray | Non
     T = x.shape[0]
     if out is None:
         out = np.empty((T, blocks.shape[0]), np.float32)
-    _run(x, blocks[None], t, out)
+    LinearCall(blocks[None], t, T, x.shape[1], x, out)()
     return out
 
 
@@ -83,19 +83,8 @@ def heads(x: np.ndarray, blocks: np.ndarray, t: GGMLType, out: np.ndarray | None
     H, T, D = x.shape
     if out is None:
         out = np.empty((H, T, blocks.shape[1]), np.float32)
-    _run(x.reshape(H * T, D), blocks, t, out.reshape(H * T, -1))
+    LinearCall(blocks, t, T, D, x.reshape(H * T, D), out.reshape(H * T, -1))()
     return out
-
-
-def _run(x: np.ndarray, blocks: np.ndarray, t: GGMLType, out: np.ndarray) -> None:
-    """out (E * T, R) = _linear of x (E * T, D) and blocks (E, R, row bytes), scratch made here."""
-    if out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be float32 and contiguous, got {out.dtype} {out.shape}")
-    call = LinearCall(blocks, t, x.shape[0] // max(blocks.shape[0], 1), x.shape[1])
-    if out.shape != call.out.shape:
-        raise ValueError(f"out must be {call.out.shape}, got {out.shape}")
-    call.x, call.out = x, out
-    call()
 
 
 class LinearCall:
@@ -104,8 +93,10 @@ class LinearCall:
     keeps one per linear layer (offload/hybrid.py BlockLinear): ~200 calls a step at 50-70 us each on the GPU
     box (kernels/cpu/NOTES.md), so the Python around each call counts."""
 
-    def __init__(self, blocks: np.ndarray, t: GGMLType, T: int, D: int):
-        """blocks (E, R, row bytes) of type t, T activation rows per weight (1..MAX_ROWS), D values each."""
+    def __init__(self, blocks: np.ndarray, t: GGMLType, T: int, D: int, x: np.ndarray | None = None,
+                 out: np.ndarray | None = None):
+        """blocks (E, R, row bytes) of type t, T activation rows per weight (1..MAX_ROWS), D values each; x and
+        out: the caller's buffers (float32, C-contiguous), else new ones."""
         E, R = blocks.shape[:2]
         if not 1 <= T <= MAX_ROWS:
             raise ValueError(f"linear takes 1 to {MAX_ROWS} activation rows, got {T}")
@@ -113,7 +104,10 @@ class LinearCall:
             raise ValueError(f"blocks must be uint8 ({R}, {nbytes(t, D)}) for {D} values of {t.name} a row, got "
                              f"{blocks.dtype} {blocks.shape[1:]}")
         N = E * T
-        self.x, self.out = np.empty((N, D), np.float32), np.empty((N, R), np.float32)
+        self.x = np.empty((N, D), np.float32) if x is None else x
+        self.out = np.empty((N, R), np.float32) if out is None else out
+        if self.out.shape != (N, R) or self.out.dtype != np.float32 or not self.out.flags.c_contiguous:
+            raise ValueError(f"out must be float32 ({N}, {R}) and contiguous, got {self.out.dtype} {self.out.shape}")
         self.w = np.ascontiguousarray(blocks)
         _, sd, ss = activation_shapes(N, D)
         # x in 8 bits for the K-quants (a scale per 256) and BYTE_DOT32 (per 32), in 11 for Q8_0, as it is for

@@ -34,17 +34,20 @@ def latent_in(q, kv, norm_w, eps, cos, sin, cache_kv, cache_pe, start, q_nope, q
     N = q.shape[2] - R
     for i in range(T):
         rms_into(kv[i, :C], norm_w, eps, cache_kv[start + i])
-        for j in range(R // 2):
-            a, b = kv[i, C + 2 * j], kv[i, C + 2 * j + 1]
-            cache_pe[start + i, 2 * j] = a * cos[i, j] - b * sin[i, j]
-            cache_pe[start + i, 2 * j + 1] = a * sin[i, j] + b * cos[i, j]
+        _rope_into(kv[i, C:], cos[i], sin[i], cache_pe[start + i])
         for h in range(H):
             for n in range(N):
                 q_nope[h, i, n] = q[i, h, n]
-            for j in range(R // 2):
-                a, b = q[i, h, N + 2 * j], q[i, h, N + 2 * j + 1]
-                q_pe[i, h, 2 * j] = a * cos[i, j] - b * sin[i, j]
-                q_pe[i, h, 2 * j + 1] = a * sin[i, j] + b * cos[i, j]
+            _rope_into(q[i, h, N:], cos[i], sin[i], q_pe[i, h])
+
+
+@njit(inline="always")
+def _rope_into(src, cos, sin, dst):
+    """dst = src (R values) with each pair (2j, 2j + 1) turned by the angle whose cos / sin are cos[j] / sin[j]."""
+    for j in range(src.shape[0] // 2):
+        a, b = src[2 * j], src[2 * j + 1]
+        dst[2 * j] = a * cos[j] - b * sin[j]
+        dst[2 * j + 1] = a * sin[j] + b * cos[j]
 
 
 # reassoc lets LLVM vectorise the float sums; no nnan / ninf, which would drop the masking by -inf
