@@ -17,13 +17,15 @@ those experts from host memory (`pulled`, kernels/gpu/pull.py). A pair (token, e
 exactly one side: the other side sees its id as -1. The token
 embedding and the output head live where the plan says; the latent cache is on the GPU. With the device
 "cpu" the same code runs everything on the CPU (Numba for experts, and for a decode step's linear layers and
-attention, which read their GGUF blocks: BlockLinear, BlockAttention; torch for prompts): the CPU-only mode,
-and the way tests exercise every placement without a GPU.
+attention, which read their GGUF blocks: BlockLinear, BlockAttention, run by the engine's decode step as
+offload/cpu_step.py lists them; torch for prompts): the CPU-only mode, and the way tests exercise every
+placement without a GPU.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numba
 import numpy as np
 import torch
 from torch import nn
@@ -40,6 +42,11 @@ from dslocal.quant.gguf_file import GGUFFile
 from dslocal.runtime.config import ModelConfig
 from dslocal.runtime.model import MLA, DeepSeek, LatentCache, Linear, MoE, RMSNorm, fused
 from dslocal.runtime.weights import gguf_names, load_model
+
+# A decode step's attention over ATTEND_CHUNKS_MIN positions or more reads the cache in chunks of at least
+# ATTEND_CHUNK positions, one per thread (kernels/cpu/mla.py attend_chunks), not once per head (attend)
+ATTEND_CHUNKS_MIN = 1024
+ATTEND_CHUNK = 64
 
 
 class OnDevice(nn.Module):
@@ -95,12 +102,23 @@ class BlockAttention:
             wv = mla.wv_b.detach().float().contiguous().numpy()                            # (H, Vh, C)
             k_b, v_b = (wk.view(np.uint8), GGMLType.F32), (wv.view(np.uint8), GGMLType.F32)
         self.mla, self.k_b, self.v_b = mla, k_b, v_b
+        self.norm_w = mla.kv_norm.weight.detach().float().numpy()
         self._calls = {}     # T -> the two products as cpu_linear.LinearCalls on fixed buffers
 
     def __call__(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
                  layer: int, start: int) -> torch.Tensor:
         """q (T, H, N + R), kv (T, C + R) of a sequence's new tokens at start.. -> the heads' outputs (T, H * Vh)
         float32, before the output projection; the cache (float32) gets their latent."""
+        T = q.shape[0]
+        q, kv = (np.ascontiguousarray(a.float().numpy()) for a in (q, kv))
+        o = self.run(q, kv, cos.numpy(), sin.numpy(), cache.kv[layer, 0].numpy(), cache.pe[layer, 0].numpy(), start)
+        return torch.from_numpy(o.transpose(1, 0, 2).reshape(T, -1))
+
+    def run(self, q: np.ndarray, kv: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache_kv: np.ndarray,
+            cache_pe: np.ndarray, start: int) -> np.ndarray:
+        """The same on numpy arrays (float32, C-contiguous): q (T, H, N + R), kv (T, C + R), cos / sin (T, R / 2),
+        one layer's cache of the sequence (max_len, C) and (max_len, R) -> (H, T, Vh), a buffer of this object
+        that the next call with T tokens overwrites."""
         m = self.mla
         T = q.shape[0]
         if T not in self._calls:
@@ -108,14 +126,26 @@ class BlockAttention:
                               np.empty((T, m.H, m.R), np.float32))
         k_call, v_call, q_pe = self._calls[T]
         q_nope, q_lat, o_lat = (a.reshape(m.H, T, -1) for a in (k_call.x, k_call.out, v_call.x))   # views
-        cache_kv, cache_pe = cache.kv[layer, 0].numpy(), cache.pe[layer, 0].numpy()
-        q, kv = (np.ascontiguousarray(a.float().numpy()) for a in (q, kv))
-        cpu_mla.latent_in(q, kv, m.kv_norm.weight.detach().numpy(), m.kv_norm.eps, cos.numpy(), sin.numpy(),
-                          cache_kv, cache_pe, start, q_nope, q_pe)
+        cpu_mla.latent_in(q, kv, self.norm_w, m.kv_norm.eps, cos, sin, cache_kv, cache_pe, start, q_nope, q_pe)
         k_call()                                                                           # q_lat (H, T, C)
-        cpu_mla.attend(q_lat, q_pe, cache_kv, cache_pe, start, m.scale, o_lat)
-        o = v_call().reshape(m.H, T, -1)                                                   # (H, T, Vh)
-        return torch.from_numpy(o.transpose(1, 0, 2).reshape(T, -1))
+        n = min(numba.get_num_threads(), (start + T) // ATTEND_CHUNK)
+        if start + T >= ATTEND_CHUNKS_MIN and n > 1:
+            cpu_mla.attend_chunks(q_lat, q_pe, cache_kv, cache_pe, start, m.scale, *self._parts(n, m.H * T, m.C),
+                                  o_lat)
+        else:
+            cpu_mla.attend(q_lat, q_pe, cache_kv, cache_pe, start, m.scale, o_lat)
+        return v_call().reshape(m.H, T, -1)                                               # (H, T, Vh)
+
+
+    _shared_parts = {}    # (J, C) -> attend_chunks' partial results, shared by the layers (one runs at a time)
+
+    @classmethod
+    def _parts(cls, n: int, J: int, C: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        parts = cls._shared_parts.get((J, C))
+        if parts is None or parts[0].shape[0] < n:
+            parts = cls._shared_parts[J, C] = (np.empty((n, J), np.float32), np.empty((n, J), np.float32),
+                                               np.empty((n, J, C), np.float32))
+        return tuple(a[:n] for a in parts)
 
 
 def use_blocks(model: DeepSeek, f: GGUFFile, cfg: ModelConfig) -> int:

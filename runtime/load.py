@@ -100,6 +100,9 @@ def load(path: str, run: RunConfig, log=sys.stderr) -> Loaded:
     if placement is not None and device.startswith("cuda") and run.cuda_graphs:
         from dslocal.offload.place import decode_graphs
         engine.decode_step = decode_graphs(model, engine.cache, device, log)
+    elif placement is not None and device == "cpu":
+        from dslocal.offload.cpu_step import cpu_step
+        engine.decode_step = cpu_step(model, engine.cache)
     loaded = Loaded(engine, cfg, template, cfg.name or os.path.basename(path), time.perf_counter() - t0,
                     placement)
     print(describe(loaded, run), file=log)

@@ -1,6 +1,8 @@
 """RMSNorm of a decode step's few rows on the CPU (Numba; runtime/model.py RMSNorm is the reference).
 
     y = rms_norm(x, weight, eps)     # x (..., D) torch, at most MAX_ROWS rows -> (..., D) as x's dtype
+    rms_rows(x, w, eps, out)         # numpy float32 (M, D) -> out
+    add_rms(x, a, w, eps, out)       # x += a, then out = rms_rows(x)
 
 One compiled call in place of torch's eight small operators, twice a layer in a decode step of a model run
 on the CPU: 1.4-1.6 ms of a 42-48 ms step on the GPU box (kernels/cpu/NOTES.md); `rms_into` is the same for
@@ -29,7 +31,18 @@ def rms_into(src, w, eps, dst):
 
 
 @njit(cache=True, nogil=True)
-def _rows(x, w, eps, out):
+def add_rms(x, a, w, eps, out):
+    """x += a, then out = RMSNorm(x) * w, row by row (float32 (M, D)): a residual add and the norm after it,
+    in one call (offload/cpu_step.py)."""
+    for i in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            x[i, c] += a[i, c]
+        rms_into(x[i], w, eps, out[i])
+
+
+@njit(cache=True, nogil=True)
+def rms_rows(x, w, eps, out):
+    """out = RMSNorm(x) * w, row by row (float32 (M, D))."""
     for i in range(x.shape[0]):
         rms_into(x[i], w, eps, out[i])
 
@@ -40,5 +53,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if rows.shape[0] > MAX_ROWS:
         raise ValueError(f"rms_norm takes at most {MAX_ROWS} rows, got {rows.shape[0]}")
     out = np.empty(rows.shape, np.float32)
-    _rows(np.ascontiguousarray(rows), weight.detach().numpy(), eps, out)
+    rms_rows(np.ascontiguousarray(rows), weight.detach().numpy(), eps, out)
     return torch.from_numpy(out).to(x.dtype).view(x.shape)

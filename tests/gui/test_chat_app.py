@@ -175,8 +175,8 @@ def test_chat_page_in_headless_chromium(model, tmp_path):
         browser.wait("!!document.querySelector('#msg textarea')")
         assert "tiny-v3" in browser.js("document.querySelector('#model').innerText")
 
-        _type_and_send(browser, "Hello there")
-        browser.wait("document.querySelector('#chat').innerText.includes('Hello there')")
+        _type_and_send(browser, "Good morning")     # a greedy answer that runs to --max-tokens
+        browser.wait("document.querySelector('#chat').innerText.includes('Good morning')")
         lengths = set()                                              # the answer grows while it streams
         deadline = time.monotonic() + 60
         while len({n for n in lengths if n}) < 3:
@@ -196,9 +196,9 @@ def test_chat_page_in_headless_chromium(model, tmp_path):
 
         browser.send("Page.reload")                                  # a reload loses nothing
         browser.wait("document.querySelector('#chat') && "
-                     "document.querySelector('#chat').innerText.includes('Hello there')")
+                     "document.querySelector('#chat').innerText.includes('Good morning')")
         assert browser.wait(f"{BOT}.length > 0") and browser.js(BOT).strip()[:20] == stopped.strip()[:20]
-        assert "Hello there" in browser.js("document.querySelector('#convs').innerText")
+        assert "Good morning" in browser.js("document.querySelector('#convs').innerText")
         browser.screenshot(tmp_path / "chat-reloaded.png")
     finally:
         if browser:

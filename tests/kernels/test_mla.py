@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dslocal.kernels.cpu import mla
+from dslocal.offload import hybrid
 from dslocal.offload.hybrid import BlockAttention
 from dslocal.quant.dequant import dequantize
 from dslocal.quant.ggml import GGMLType
@@ -32,9 +33,15 @@ def blocks_of(w: torch.Tensor, t: GGMLType) -> tuple[np.ndarray, torch.Tensor]:
     return b.reshape(H, rows, -1), torch.from_numpy(dequantize(b, t).reshape(H, rows, cols).astype(np.float32))
 
 
+@pytest.mark.parametrize("over", ["items", "chunks"])
 @pytest.mark.parametrize("kind", ["float", "q8_0", "q4_k"])
 @pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
-def test_cpu_decode_attention_gives_the_torch_logits(preset, kind):
+def test_cpu_decode_attention_gives_the_torch_logits(preset, kind, over, monkeypatch):
+    """over: the softmax by (head, token) items (mla.attend) or over chunks of positions (mla.attend_chunks,
+    here from the first position on, chunks of 2)."""
+    if over == "chunks":
+        monkeypatch.setattr(hybrid, "ATTEND_CHUNKS_MIN", 1)
+        monkeypatch.setattr(hybrid, "ATTEND_CHUNK", 2)
     torch.manual_seed(0)
     m = DeepSeek(dataclasses.replace(PRESETS[preset], vocab_size=256))
     init_weights(m, std=0.05)
@@ -68,10 +75,12 @@ def test_cpu_decode_attention_gives_the_torch_logits(preset, kind):
         assert err < (1e-5 if name == "prefill" else TOL[kind])
 
 
+@pytest.mark.parametrize("chunks", [0, 1, 4, 7, 1000])
 @pytest.mark.parametrize("start", [0, 200])
-def test_attend_is_the_softmax_over_the_cache(start):
+def test_attend_is_the_softmax_over_the_cache(start, chunks):
     """attend against the softmax of all scores at once in float64, three new tokens at start.. (each sees
-    its own positions), scores spread wide; the cache's rows past the new tokens hold NaN and are not read."""
+    its own positions), scores spread wide; the cache's rows past the new tokens hold NaN and are not read.
+    attend_chunks: the same from chunks of positions (0: attend itself), down to chunks of one position."""
     rng = np.random.default_rng(start)
     H, T, C, R = 5, 3, 64, 16
     q_lat = rng.standard_normal((H, T, C), dtype=np.float32)
@@ -80,7 +89,12 @@ def test_attend_is_the_softmax_over_the_cache(start):
     pe = rng.standard_normal((start + T + 4, R), dtype=np.float32)
     kv[start + T:], pe[start + T:] = np.nan, np.nan
     out = np.empty((H, T, C), np.float32)
-    mla.attend(q_lat, q_pe, kv, pe, start, 0.3, out)
+    if chunks:
+        n = min(chunks, start + T)
+        parts = np.empty((n, H * T), np.float32), np.empty((n, H * T), np.float32), np.empty((n, H * T, C), np.float32)
+        mla.attend_chunks(q_lat, q_pe, kv, pe, start, 0.3, *parts, out)
+    else:
+        mla.attend(q_lat, q_pe, kv, pe, start, 0.3, out)
     for i in range(T):
         S = start + i + 1
         scores = 0.3 * (q_lat[:, i].astype(np.float64) @ kv[:S].T + q_pe[i].astype(np.float64) @ pe[:S].T)   # (H, S)

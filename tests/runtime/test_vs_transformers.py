@@ -163,11 +163,14 @@ def test_yarn_and_attention_scale_match_transformers(kind):
         assert cfg.kq_scale == pytest.approx(layer.self_attn.scaling, rel=1e-12)
 
 
+@pytest.mark.parametrize("path", ["modules", "step"])
 @pytest.mark.parametrize("mla", [True, False], ids=["mla", "kv_b"])
 @pytest.mark.parametrize("kind", ["v2-lite", "v3"])
-def test_placed_cpu_decode_matches_transformers(case, tokens, kind, mla):
+def test_placed_cpu_decode_matches_transformers(case, tokens, kind, mla, path):
     """The placed runtime on the CPU (offload/hybrid.py): the decode steps' linear layers, attention and norms
-    compiled, on the F32 file's rows (attn_k_b / attn_v_b, or float copies of attn_kv_b's halves)."""
+    compiled, on the F32 file's rows (attn_k_b / attn_v_b, or float copies of attn_kv_b's halves), through the
+    model's modules or as the engine runs them, one compiled step (offload/cpu_step.py)."""
+    from dslocal.offload.cpu_step import CPUStep, cpu_step
     from dslocal.offload.hybrid import load_offloaded
     from dslocal.offload.planner import Budget, Hardware, ModelShape, plan
     get, gguf = case
@@ -178,11 +181,18 @@ def test_placed_cpu_decode_matches_transformers(case, tokens, kind, mla):
         model = load_offloaded(f, cfg, placement, "cpu", torch.float32, None)
         seq = tokens[:1]                                        # the compiled steps take one sequence
         cache = LatentCache(cfg, 1, seq.shape[1], torch.float32, "cpu")
+        step = cpu_step(model, cache)
+        assert isinstance(step, CPUStep)
         with torch.no_grad():
             steps = [model(seq[:, :N_PREFILL], cache, 0)]
-            steps += [model(seq[:, t:t + 1], cache, t) for t in range(N_PREFILL, seq.shape[1])]
+            for t in range(N_PREFILL, seq.shape[1]):
+                if path == "step":
+                    steps.append(step(int(seq[0, t]), t)[None, None])
+                else:
+                    steps.append(model(seq[:, t:t + 1], cache, t))
     err = rel_err(torch.cat(steps, dim=1), ref[:1])
-    print(f"\n{kind} {'mla' if mla else 'kv_b'} placed CPU decode F32: rel err {err:.2e} (bound {FP32_BOUND:.0e})")
+    print(f"\n{kind} {'mla' if mla else 'kv_b'} placed CPU decode ({path}) F32: rel err {err:.2e} "
+          f"(bound {FP32_BOUND:.0e})")
     assert err < FP32_BOUND
 
 
