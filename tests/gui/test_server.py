@@ -18,7 +18,8 @@ from dslocal.runtime.load import RunConfig, load
 
 KEY = "sk-dslocal-test"
 QUEUE = 8
-CTX = 1024
+CTX = 4096
+LIMIT = 4000     # --max-tokens-limit: long answers that keep the server busy for seconds at ~1 ms a token
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def server(tiny_gguf, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
     with open(log, "w") as err:
         p = subprocess.Popen([sys.executable, "-m", "dslocal.gui.cli", "serve", "--gguf", tiny_gguf("tiny-v3", "q8_0"),
-                              "--port", "0", "--ctx", str(CTX), "--queue", str(QUEUE), "--max-tokens-limit", "1000",
+                              "--port", "0", "--ctx", str(CTX), "--queue", str(QUEUE), "--max-tokens-limit", str(LIMIT),
                               "--max-body", "65536", "--threads", "1"],
                              stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ, DSLOCAL_API_KEY=KEY))
     try:
@@ -68,7 +69,7 @@ class _raw(http.client.HTTPConnection):
         self.close()
 
 
-def _start_long_stream(url, max_tokens=1000):
+def _start_long_stream(url, max_tokens=LIMIT):
     """A streaming request left open after its first event; returns the response (close it to leave: with
     'Connection: close' the response owns the socket)."""
     c = _raw(url)
@@ -120,10 +121,10 @@ def test_openai_client_chat_completions_models_and_key(server):
 def test_refusals_say_why(server):
     c = _client(server)
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="tiny-v3", messages=[{"role": "user", "content": "word " * 1100}])
-    assert "context is 1024 tokens" in e.value.body["message"] and e.value.body["code"] == "context_length_exceeded"
+        c.chat.completions.create(model="tiny-v3", messages=[{"role": "user", "content": "word " * (CTX + 100)}])
+    assert f"context is {CTX} tokens" in e.value.body["message"] and e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="tiny-v3", messages=[{"role": "user", "content": "hi"}], max_tokens=1001)
+        c.chat.completions.create(model="tiny-v3", messages=[{"role": "user", "content": "hi"}], max_tokens=LIMIT + 1)
     assert "--max-tokens-limit" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="tiny-v3", messages=[{"role": "tool", "content": "hi"}])
@@ -163,7 +164,7 @@ def test_a_client_that_leaves_mid_stream_does_not_stall_the_others(server):
     t0 = time.monotonic()
     _ask(server, "Tell me everything.", max_tokens=40)
     t40 = time.monotonic() - t0                                      # what 40 tokens cost on this machine
-    c = _start_long_stream(server, max_tokens=200)
+    c = _start_long_stream(server)
     after = []
     t = threading.Thread(target=lambda: after.append(_ask(server, "Still there?")))
     t.start()
