@@ -23,6 +23,7 @@ placement without a GPU.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numba
@@ -136,15 +137,17 @@ class BlockAttention:
             cpu_mla.attend(q_lat, q_pe, cache_kv, cache_pe, start, m.scale, o_lat)
         return v_call().reshape(m.H, T, -1)                                               # (H, T, Vh)
 
-
-    _shared_parts = {}    # (J, C) -> attend_chunks' partial results, shared by the layers (one runs at a time)
+    # attend_chunks' partial results, (J, C) -> buffers: shared by the layers, which run one at a time in a
+    # thread (V3's 128 heads take 4 MB per new token at 16 threads), and kept apart between threads
+    _scratch = threading.local()
 
     @classmethod
     def _parts(cls, n: int, J: int, C: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        parts = cls._shared_parts.get((J, C))
+        by_shape = cls._scratch.__dict__.setdefault("parts", {})
+        parts = by_shape.get((J, C))
         if parts is None or parts[0].shape[0] < n:
-            parts = cls._shared_parts[J, C] = (np.empty((n, J), np.float32), np.empty((n, J), np.float32),
-                                               np.empty((n, J, C), np.float32))
+            parts = by_shape[J, C] = (np.empty((n, J), np.float32), np.empty((n, J), np.float32),
+                                      np.empty((n, J, C), np.float32))
         return tuple(a[:n] for a in parts)
 
 
