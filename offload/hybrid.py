@@ -36,7 +36,7 @@ from dslocal.kernels.cpu import mla as cpu_mla
 from dslocal.kernels.cpu import moe as cpu_moe
 from dslocal.kernels.experts import ExpertTensors, from_gguf
 from dslocal.offload.cpu_worker import ExpertWorker
-from dslocal.offload.planner import Placement, gpu_bytes
+from dslocal.offload.planner import Placement, blocks_on_gpu, gpu_bytes
 from dslocal.offload.prefill import STREAM_MIN_TOKENS, ExpertStreamer
 from dslocal.quant.ggml import GGMLType
 from dslocal.quant.gguf_file import GGUFFile
@@ -48,6 +48,9 @@ from dslocal.runtime.weights import gguf_names, load_model
 # ATTEND_CHUNK positions, one per thread (kernels/cpu/mla.py attend_chunks), not once per head (attend)
 ATTEND_CHUNKS_MIN = 1024
 ATTEND_CHUNK = 64
+# On a CUDA device the linear layers of the types planner.BLOCK_TYPES names keep their GGUF blocks (False:
+# dequantized to the model's dtype at load, as before kernels/gpu/linear.py; the planner counts blocks)
+GPU_LINEAR_BLOCKS = True
 
 
 class OnDevice(nn.Module):
@@ -300,32 +303,51 @@ class OffloadedMoE(nn.Module):
         return None if self.pulled is None else self.pulled.count
 
 
+def put_blocks(model: DeepSeek, f: GGUFFile, cfg: ModelConfig, names: frozenset[str], device: torch.device) -> None:
+    """Give the linear layers whose weights load_model left out (names: their GGUF names) their GGUF blocks on
+    the device, as kernels/gpu/linear.py BlockWeight."""
+    from dslocal.kernels.gpu.linear import BlockWeight
+    for pname, gname in gguf_names(cfg).items():
+        if gname in names:
+            linear = model.get_submodule(pname.rsplit(".", 1)[0])
+            # copied out of the memory map first: pages of it may be registered with CUDA for the experts
+            # (kernels/gpu/pull.py), and a copy from a range only partly registered fails
+            blocks = torch.from_numpy(np.array(f.raw(gname))).to(device)     # uint8 (n_out, row_bytes)
+            linear.weight = BlockWeight(blocks, f.tensors[gname].ggml_type, linear.in_features)
+
+
 def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: str | torch.device,
                    dtype: torch.dtype, worker: ExpertWorker | None, stream_prefill: bool = True) -> DeepSeek:
     """The model laid out as placement says, on `device` (a CUDA device, or "cpu" for everything on the CPU).
 
-    Attention, norms, routers, shared experts and dense layers are dequantized to dtype on the device; the
-    embedding and the head go where the plan put them; routed experts stay in the file's blocks (CPU) or
-    are copied to the device (GPU ids of each layer); on a CUDA device, with stream_prefill, long prompts
+    Norms, routers, attn_k_b / attn_v_b and linear layers of types without GPU kernels are dequantized to
+    dtype on the device; on a CUDA device the other linear layers (attention projections, shared experts,
+    dense layers, the head) keep their GGUF blocks there (kernels/gpu/linear.py; planner.blocks_on_gpu);
+    the embedding and the head go where the plan put them; routed experts stay in the file's blocks (CPU)
+    or are copied to the device (GPU ids of each layer); on a CUDA device, with stream_prefill, long prompts
     bring the CPU experts to the GPU in units (offload/prefill.py); on the CPU, linear layers also keep
     their blocks for decode steps (BlockLinear). The file must stay open while the model is used: the CPU
     experts and blocks are views of its memory map.
     """
     gpu = torch.device(device)
     cpu = torch.device("cpu")
-    model = load_model(f, cfg, dtype, cpu, like_llama_cpp=False, routed_experts=False)
+    head_on_gpu = placement.head.device == "gpu" or gpu.type == "cpu"
+    in_blocks = frozenset()
+    if gpu.type == "cuda" and GPU_LINEAR_BLOCKS:
+        in_blocks = blocks_on_gpu(cfg, f.tensors) - (frozenset() if head_on_gpu else {"output.weight"})
+    model = load_model(f, cfg, dtype, cpu, like_llama_cpp=False, routed_experts=False, leave_out=in_blocks)
     tied = "output.weight" not in f.tensors
     for block in model.layers:
         block.to(gpu)
     model.norm.to(gpu)
     model.rope_freq = model.rope_freq.to(gpu)
-    head_on_gpu = placement.head.device == "gpu" or gpu.type == "cpu"
     # a head tied to the embedding is one tensor in the file and in the plan (counted as the head)
     embed_on_gpu = head_on_gpu if tied else placement.embed.device == "gpu" or gpu.type == "cpu"
     model.head = model.head.to(gpu) if head_on_gpu else OnDevice(model.head, cpu, gpu)
     model.embed = model.embed.to(gpu) if embed_on_gpu else OnDevice(model.embed, cpu, gpu)
     if tied and head_on_gpu:
         model.head.weight = model.embed.weight          # one copy on the device, as in the file
+    put_blocks(model, f, cfg, in_blocks, gpu)
     for i, block in enumerate(model.layers):
         if cfg.is_moe_layer(i):
             block.ffn = OffloadedMoE(block.ffn, from_gguf(f, i), placement.layers[i].gpu_experts, gpu, worker)

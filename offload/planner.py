@@ -18,11 +18,12 @@ Items 2-4 form one ranked list and the GPU takes its longest prefix that fits. S
 not fit to take a smaller later one would use a few more bytes, but then a larger budget could push an
 earlier item out again; a prefix guarantees that more budget never moves anything to the CPU.
 
-GPU bytes: routed experts in Q4_K, Q6_K, Q8_0 and Q5_0 have GPU kernels (kernels/gpu/moe.py) and keep their
-GGUF size there, as do F16 and BF16; routed experts of every other type (Q2_K, Q4_0, IQ..) are dequantized
-to bf16 at load and cost 2 bytes per value. Everything else (attention, shared experts, dense layers, head,
-embedding) is dequantized at load: 2 bytes per value, 4 for the vectors and routers kept in fp32
-(offload/hybrid.py). The CPU always holds the GGUF bytes.
+GPU bytes: weights in Q4_K, Q6_K, Q8_0 and Q5_0 have GPU kernels and keep their GGUF size there: routed
+experts (kernels/gpu/moe.py) as do F16 and BF16 ones, and the linear layers' matrices (attention
+projections, shared experts, dense layers, head: kernels/gpu/linear.py). Every other weight is dequantized
+at load: 2 bytes per value (bf16; routed experts of other types, the embedding, attn_k_b / attn_v_b,
+linear layers of other types), 4 for the vectors and routers kept in fp32 (offload/hybrid.py). The CPU
+always holds the GGUF bytes.
 """
 from __future__ import annotations
 
@@ -51,8 +52,27 @@ def gpu_bytes(ggml_type: GGMLType, n_values: int, nbytes: int) -> int:
     return nbytes if ggml_type in KEEP_ON_GPU else 2 * n_values
 
 
-def dense_gpu_bytes(name: str, n_dims: int, n_values: int) -> int:
-    """Bytes of any other tensor on the GPU: dequantized to bf16, or fp32 for norms, biases and routers."""
+BLOCK_TYPES = KEEP_ON_GPU - {T.F32, T.F16, T.BF16}   # types the GPU computes on as GGUF blocks
+
+
+def linear_in_blocks(part: str, n_dims: int, ggml_type: GGMLType) -> bool:
+    """Whether the GPU keeps a tensor of tensor_specs' `part` in its GGUF blocks as a linear layer's matrix
+    (kernels/gpu/linear.py): attention projections (not attn_k_b / attn_v_b, 3-D), shared experts, dense
+    FFN and head, of a type with kernels."""
+    return part in ("attn", "shared", "dense", "head") and n_dims == 2 and ggml_type in BLOCK_TYPES
+
+
+def blocks_on_gpu(cfg: ModelConfig, tensors: Mapping[str, TensorInfo]) -> frozenset[str]:
+    """The GGUF names of the linear layers' matrices that linear_in_blocks keeps in blocks."""
+    return frozenset(s.name for s in tensor_specs(cfg) if s.name in tensors and
+                     linear_in_blocks(s.part, len(tensors[s.name].shape), tensors[s.name].ggml_type))
+
+
+def dense_gpu_bytes(name: str, part: str, n_dims: int, n_values: int, ggml_type: GGMLType, nbytes: int) -> int:
+    """Bytes of any other tensor on the GPU: GGUF size for a linear layer kept in blocks, else dequantized to
+    bf16, or fp32 for norms, biases and routers."""
+    if linear_in_blocks(part, n_dims, ggml_type):
+        return nbytes
     fp32 = n_dims == 1 or name.endswith("ffn_gate_inp.weight")
     return (4 if fp32 else 2) * n_values
 
@@ -108,7 +128,7 @@ class ModelShape:
                 part, n_values, nbytes = "expert", n_values // cfg.n_expert, nbytes // cfg.n_expert
                 on_gpu = gpu_bytes(t.ggml_type, n_values, nbytes)
             else:
-                on_gpu = dense_gpu_bytes(spec.name, len(t.shape), n_values)
+                on_gpu = dense_gpu_bytes(spec.name, part, len(t.shape), n_values, t.ggml_type, nbytes)
             if part == "norm":
                 part = "attn" if layer >= 0 else "head"   # output_norm goes with the head
             parts[layer, part] += Size(nbytes, on_gpu)

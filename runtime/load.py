@@ -14,6 +14,7 @@ from dslocal.runtime.chat import ChatTemplate
 from dslocal.offload.planner import Placement
 from dslocal.runtime.config import GATING_SIGMOID, ModelConfig, read_config
 from dslocal.runtime.generate import Engine
+from dslocal.runtime.model import Linear
 from dslocal.runtime.tokenizer import Tokenizer
 from dslocal.runtime.weights import load_model
 
@@ -129,6 +130,8 @@ def describe(loaded: Loaded, run: RunConfig) -> str:
     """The resolved configuration and where each part runs, in a few lines."""
     cfg, e = loaded.cfg, loaded.engine
     n_params = sum(p.numel() for p in e.model.parameters())
+    n_params += sum(m.in_features * m.out_features for m in e.model.modules()     # linear layers kept in blocks
+                    if isinstance(m, Linear) and not isinstance(m.weight, torch.Tensor))
     if loaded.placement is not None:     # routed experts are blocks of the file, not parameters
         n_params += cfg.n_layer_moe * cfg.n_expert * 3 * cfg.hidden * cfg.expert_ffn
     gating = "sigmoid" if cfg.gating == GATING_SIGMOID else "softmax"

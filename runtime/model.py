@@ -58,15 +58,24 @@ class Linear(nn.Linear):
         self.act: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return Fn.linear(round_activations(x, self.act), self.weight)
+        return linear(round_activations(x, self.act), self.weight)
 
 
-def merge_weights(a: Linear, b: Linear) -> torch.Tensor | None:
-    """One (a.out + b.out, n_in) tensor holding both weights, which become views of it (no extra memory), so
-    one matrix product computes both outputs; None, and nothing changed, where either input is rounded as
-    llama.cpp rounds it. For inference on the model's final device (a later .to() would separate the views)."""
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T: the one dispatch point for a linear layer's weight, a dense tensor (torch) or GGUF blocks on a
+    GPU (kernels/gpu/linear.py BlockWeight, which a placed model's loader puts in place of the tensor)."""
+    return Fn.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+
+
+def merge_weights(a: Linear, b: Linear):
+    """One (a.out + b.out, n_in) weight holding both, which become views of it (no extra memory), so one
+    matrix product computes both outputs: a tensor, or blocks where both are blocks of one type. None, and
+    nothing changed, where either input is rounded as llama.cpp rounds it or the two cannot share blocks.
+    For inference on the model's final device (a later .to() would separate the views)."""
     if a.act is not None or b.act is not None:
         return None
+    if not isinstance(a.weight, torch.Tensor) or not isinstance(b.weight, torch.Tensor):
+        return a.weight.merged_with(b.weight) if hasattr(a.weight, "merged_with") else None
     w = torch.cat([a.weight.detach(), b.weight.detach()])
     a.weight = nn.Parameter(w[:a.out_features], requires_grad=False)
     b.weight = nn.Parameter(w[a.out_features:], requires_grad=False)
@@ -174,7 +183,7 @@ class MLA(nn.Module):
         self.wo = Linear(H * Vh, D)
         self.act_k_b: str | None = None   # activation rounding for the wk_b and wv_b products
         self.act_v_b: str | None = None
-        self.w_in: torch.Tensor | None = None   # both input projections' weights in one (merge_input_projections)
+        self.w_in = None   # both input projections' weights in one (merge_input_projections)
         # a model run on the CPU: a few new tokens' attention from q and kv, as offload/hybrid.py BlockAttention
         self.cpu_decode = None
 
@@ -189,7 +198,7 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         first = self.wq if hasattr(self, "wq") else self.wq_a
         if self.w_in is not None:
-            both = Fn.linear(x, self.w_in)
+            both = linear(x, self.w_in)
             q, kv = both[..., :first.out_features], both[..., first.out_features:]       # views
         else:
             q, kv = first(x), self.wkv_a(x)                                      # kv (B, T, C + R)
@@ -262,7 +271,7 @@ class MLP(nn.Module):
         self.w_gate = Linear(dim, hidden)
         self.w_up = Linear(dim, hidden)
         self.w_down = Linear(hidden, dim)
-        self.w_gate_up: torch.Tensor | None = None   # both weights in one (merge_gate_up)
+        self.w_gate_up = None   # both weights in one (merge_gate_up)
 
     def merge_gate_up(self) -> None:
         """Let one matrix product compute gate and up (as MLA.merge_input_projections: two views of one
@@ -273,7 +282,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w_gate_up is not None and fused(x):
             from dslocal.kernels.gpu.act import swiglu
-            return self.w_down(swiglu(Fn.linear(x, self.w_gate_up)))
+            return self.w_down(swiglu(linear(x, self.w_gate_up)))
         return self.w_down(Fn.silu(self.w_gate(x)) * self.w_up(x))
 
 

@@ -49,13 +49,15 @@ ACTIVATION_KIND = {T.Q4_0: "q8_0", T.Q4_1: "q8_0", T.Q5_0: "q8_0", T.Q5_1: "q8_0
 
 def load_model(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", like_llama_cpp: bool = True,
-               routed_experts: bool = True) -> DeepSeek:
+               routed_experts: bool = True, leave_out: frozenset[str] = frozenset()) -> DeepSeek:
     """The reference model with every weight dequantized once to dtype (norms and routers stay fp32).
 
     like_llama_cpp: round the activations before each product with a quantized weight as llama.cpp's CPU
     backend does (runtime.model.round_activations), so greedy output matches llama.cpp token for token.
     routed_experts=False leaves the MoE layers' routed experts out (their parameters are deleted): the
     caller computes them from the file's blocks (offload/hybrid.py) and replaces the MoE modules' forward.
+    leave_out: GGUF names of linear layers' weights not to load: their modules have no weight until the caller
+    gives them one (offload/hybrid.py keeps such weights in their blocks on the GPU).
     """
     check_tensors(cfg, f)
     with torch.device("meta"):
@@ -63,6 +65,9 @@ def load_model(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32
     if not routed_experts:
         for moe in model.moe_layers():
             del moe.w_gate, moe.w_up, moe.w_down
+    for pname, gname in gguf_names(cfg).items():
+        if gname in leave_out:
+            del model.get_submodule(pname.rsplit(".", 1)[0]).weight
     meta = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
 
@@ -78,7 +83,7 @@ def load_model(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32
             put(pname, load_tensor(f, gname))
         elif gname.endswith("exp_probs_b.bias"):
             put(pname, np.zeros(cfg.n_expert, np.float32))
-    if "head.weight" not in state:
+    if "head.weight" not in state and "head.weight" in meta:
         state["head.weight"] = state["embed.weight"]                          # tied output head
     for i in range(cfg.n_layer):
         g = f"blk.{i}."

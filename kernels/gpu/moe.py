@@ -143,9 +143,9 @@ class GPUExperts:
 
 
 @triton.jit
-def _rows_dot(p_w, o_r, m_r, row_stride, n_cols, p_x, WTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-              TYPE_SIZE: tl.constexpr, PART: tl.constexpr, BLOCK_B: tl.constexpr, EVEN: tl.constexpr,
-              BLOCK_R: tl.constexpr):
+def rows_dot(p_w, o_r, m_r, row_stride, n_cols, p_x, WTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+             TYPE_SIZE: tl.constexpr, PART: tl.constexpr, BLOCK_B: tl.constexpr, EVEN: tl.constexpr,
+             BLOCK_R: tl.constexpr):
     """float32 (BLOCK_R,): rows o_r of the matrix at p_w (row_stride apart) dotted with x (n_cols,) at p_x.
 
     WTYPE "DENSE" reads a float matrix (strides in elements) in chunks of BLOCK_SIZE values; other WTYPEs
@@ -190,10 +190,10 @@ def _gate_up_kernel(p_x, p_ids, p_g, p_u, p_h, K, D, F,
     m_r = o_r < F
     if e >= 0:
         p_xt = p_x + (i_p // K) * D
-        g = _rows_dot(p_g + e * g_expert_stride, o_r, m_r, g_row_stride, D, p_xt,
-                      G_TYPE, G_BS, G_TS, G_PART, G_BB, G_EVEN, BLOCK_R)
-        u = _rows_dot(p_u + e * u_expert_stride, o_r, m_r, u_row_stride, D, p_xt,
-                      U_TYPE, U_BS, U_TS, U_PART, U_BB, U_EVEN, BLOCK_R)
+        g = rows_dot(p_g + e * g_expert_stride, o_r, m_r, g_row_stride, D, p_xt,
+                     G_TYPE, G_BS, G_TS, G_PART, G_BB, G_EVEN, BLOCK_R)
+        u = rows_dot(p_u + e * u_expert_stride, o_r, m_r, u_row_stride, D, p_xt,
+                     U_TYPE, U_BS, U_TS, U_PART, U_BB, U_EVEN, BLOCK_R)
         tl.store(p_h + i_p * F + o_r, g / (1.0 + tl.exp(-g)) * u, mask=m_r)
 
 
@@ -208,20 +208,21 @@ def _down_kernel(p_h, p_ids, p_wts, p_d, p_y, D, F, expert_stride, row_stride,
     m_r = o_r < D
     b_y = tl.zeros((BLOCK_R,), dtype=tl.float32)
     if e >= 0:
-        b_y = _rows_dot(p_d + e * expert_stride, o_r, m_r, row_stride, F, p_h + i_p * F,
-                        W_TYPE, W_BS, W_TS, W_PART, W_BB, W_EVEN, BLOCK_R) * tl.load(p_wts + i_p)
+        b_y = rows_dot(p_d + e * expert_stride, o_r, m_r, row_stride, F, p_h + i_p * F,
+                       W_TYPE, W_BS, W_TS, W_PART, W_BB, W_EVEN, BLOCK_R) * tl.load(p_wts + i_p)
     tl.store(p_y + i_p * D + o_r, b_y, mask=m_r)
 
 
-def _gemv_meta(t: GGMLType, cols: int, prefix: str, kept: frozenset) -> dict:
-    """Constexpr arguments of _rows_dot for one matrix of `cols` columns: stored as blocks (t in kept) or dense."""
+def gemv_meta(t: GGMLType, cols: int, prefix: str, kept: frozenset, values_per_step: int = VALUES_PER_STEP) -> dict:
+    """Constexpr arguments of rows_dot for one matrix of `cols` columns: stored as blocks (t in kept) or dense;
+    each loop step reads values_per_step columns (at least one block)."""
     if t in kept:
         info, part = TYPE_INFO[t], LAYOUT[t].part
         name, bs, ts = t.name, info.block_size, info.type_size
     else:
         name, bs, ts, part = "DENSE", 32, 32, 32
     return {f"{prefix}_TYPE": name, f"{prefix}_BS": bs, f"{prefix}_TS": ts, f"{prefix}_PART": part,
-            f"{prefix}_BB": max(1, VALUES_PER_STEP // bs), f"{prefix}_EVEN": cols % bs == 0}
+            f"{prefix}_BB": max(1, values_per_step // bs), f"{prefix}_EVEN": cols % bs == 0}
 
 
 def _check(x, topk_ids, topk_weights, experts: GPUExperts):
@@ -279,10 +280,10 @@ def _decode(x, ids, wts, ex: GPUExperts, out, accumulate):
     g, u, d = ex.gate, ex.up, ex.down
     _gate_up_kernel[(P, triton.cdiv(F, BLOCK_R))](
         x, ids, g, u, h, K, D, F, g.stride(0), g.stride(1), u.stride(0), u.stride(1),
-        **_gemv_meta(ex.gate_type, D, "G", ex.kept), **_gemv_meta(ex.up_type, D, "U", ex.kept),
+        **gemv_meta(ex.gate_type, D, "G", ex.kept), **gemv_meta(ex.up_type, D, "U", ex.kept),
         BLOCK_R=BLOCK_R)
     _down_kernel[(P, triton.cdiv(D, BLOCK_R))](
-        h, ids, wts, d, y, D, F, d.stride(0), d.stride(1), **_gemv_meta(ex.down_type, F, "W", ex.kept),
+        h, ids, wts, d, y, D, F, d.stride(0), d.stride(1), **gemv_meta(ex.down_type, F, "W", ex.kept),
         BLOCK_R=BLOCK_R)
     _pair_sum_kernel[(T, triton.cdiv(D, SUM_BLOCK))](y, out, K, D, ACCUMULATE=accumulate, BLOCK=SUM_BLOCK)
     return out

@@ -87,6 +87,45 @@ def test_every_placement_gives_the_reference_tokens(nano, reference_tokens, gree
             worker.close()
 
 
+@pytest.mark.parametrize("device", ["cpu"] + CUDA)
+def test_linear_layers_in_blocks_give_the_dense_logits(nano, device, monkeypatch):
+    """A placed model on a GPU keeps its linear layers of block types in their blocks (kernels/gpu/linear.py
+    BlockWeight; merged where the model merges projections): the same logits as the dense float32 weights,
+    for a prompt (dequantized, then torch) and for decode steps (the GEMV on the blocks)."""
+    from dslocal.kernels.gpu import linear as gpu_linear
+    from dslocal.kernels.gpu.linear import BlockWeight
+    from dslocal.offload.hybrid import put_blocks
+    from dslocal.offload.planner import blocks_on_gpu
+    from dslocal.runtime.model import LatentCache
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the GPU kernels run on the CPU device only in the Triton interpreter (CI without a GPU)")
+        monkeypatch.setattr(gpu_linear, "BLOCK_R", 64)      # the interpreter's cost is per program
+    _, f, cfg, tok = nano
+    names = blocks_on_gpu(cfg, f.tensors)
+    assert {"output.weight", "blk.0.attn_output.weight", "blk.1.ffn_down_shexp.weight"} <= names
+    assert not any("k_b" in n or "v_b" in n or "token_embd" in n or "gate_inp" in n for n in names)
+    dense = load_model(f, cfg, torch.float32, device, like_llama_cpp=False)
+    model = load_model(f, cfg, torch.float32, device, like_llama_cpp=False, leave_out=names)
+    put_blocks(model, f, cfg, names, torch.device(device))
+    model.merge_projections()
+    attn = model.layers[0].attn
+    assert isinstance(model.head.weight, BlockWeight) and isinstance(attn.wo.weight, BlockWeight)
+    if attn.wq.weight.ggml_type == attn.wkv_a.weight.ggml_type:
+        assert isinstance(attn.w_in, BlockWeight) and attn.w_in.blocks.data_ptr() == attn.wq.weight.blocks.data_ptr()
+    prompt = tok.encode(PROMPTS[1])
+    caches = [LatentCache(cfg, 1, len(prompt) + 4, torch.float32, device) for _ in range(2)]
+    with torch.no_grad():
+        want, got = (m(torch.tensor([prompt], device=device), c, 0)[0, -1] for m, c in zip((dense, model), caches))
+        for i in range(5):
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            print(f"{'prompt' if i == 0 else f'step {i}'}: max |blocks - dense| / max |dense| {err:.1e}")
+            assert err < 1e-5
+            if i < 4:
+                x = torch.tensor([[int(want.argmax())]], device=device)
+                want, got = (m(x, c, len(prompt) + i)[0, -1] for m, c in zip((dense, model), caches))
+
+
 def test_calibration_places_the_hottest_experts_and_is_stored(nano):
     path, f, cfg, _ = nano
     device = "cuda" if torch.cuda.is_available() else "cpu"     # the CPU device: the Triton interpreter

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dslocal.gui import cli
+from dslocal.offload import planner
 from dslocal.offload.planner import (Budget, Hardware, ModelShape, PlanError, format_plan, gpu_bytes,
                                      parse_size, plan)
 from dslocal.quant import synthetic
@@ -75,6 +76,28 @@ def test_gpu_bytes_rule():
     assert gpu_bytes(GGMLType.Q4_K, 256, 144) == 144
     assert gpu_bytes(GGMLType.F32, 10, 40) == 40
     assert gpu_bytes(GGMLType.Q2_K, 256, 84) == 512
+
+
+def test_linear_layers_count_their_blocks_and_v3_fits_a_12gib_card(monkeypatch):
+    """The GPU keeps linear layers of block types in their blocks (kernels/gpu/linear.py), so the whole of
+    DeepSeek-V3 (61 layers) in Q4_K_M needs ~10 GiB of GPU memory for 4096 tokens; dequantized to bf16 as
+    before, its attention alone took 21 GiB and no 24 GiB card could run it."""
+    cfg = synthetic.preset("v3", n_layer=61, n_dense=3)
+    v3 = shape_of("v3", n_layer=61, n_dense=3)
+    table = {s.name: (s, synthetic.choose_type(s.name, s.shape, "q4_k_m", cfg.n_layer)) for s in tensor_specs(cfg)}
+    for i, layer in enumerate(v3.layers):
+        want = 0          # attention: projections in blocks, attn_k_b / attn_v_b in bf16, norms in fp32
+        for s, t in (v for n, v in table.items() if n.startswith(f"blk.{i}.") and v[0].part in ("attn", "norm")):
+            n = int(np.prod(s.shape))
+            want += 2 * n if s.name.endswith(("k_b.weight", "v_b.weight")) else nbytes(t, n)
+        assert layer.attn.gpu == want
+        assert layer.shared.gpu == layer.shared.file and layer.dense.gpu == layer.dense.file
+    assert v3.head.gpu == v3.head.file                           # Q6_K output + fp32 norm
+    need = minimum(v3, ctx=4096)
+    assert 9 * GiB < need < 11 * GiB
+    plan(v3, Hardware(), Budget(gpu_bytes=12 * GiB, context=4096))
+    monkeypatch.setattr(planner, "BLOCK_TYPES", frozenset())     # every linear layer dequantized to bf16
+    assert minimum(shape_of("v3", n_layer=61, n_dense=3), ctx=4096) > 24 * GiB
 
 
 @pytest.mark.parametrize("name", ["v2l", "v3"])
