@@ -332,9 +332,9 @@ def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: 
     gpu = torch.device(device)
     cpu = torch.device("cpu")
     head_on_gpu = placement.head.device == "gpu" or gpu.type == "cpu"
-    in_blocks = frozenset()
-    if gpu.type == "cuda" and GPU_LINEAR_BLOCKS:
-        in_blocks = blocks_on_gpu(cfg, f.tensors) - (frozenset() if head_on_gpu else {"output.weight"})
+    in_blocks = blocks_on_gpu(cfg, f.tensors) if gpu.type == "cuda" and GPU_LINEAR_BLOCKS else frozenset()
+    if not head_on_gpu:
+        in_blocks -= {"output.weight"}                  # a head left on the CPU stays dense there
     model = load_model(f, cfg, dtype, cpu, like_llama_cpp=False, routed_experts=False, leave_out=in_blocks)
     tied = "output.weight" not in f.tensors
     for block in model.layers:

@@ -74,8 +74,10 @@ def merge_weights(a: Linear, b: Linear):
     For inference on the model's final device (a later .to() would separate the views)."""
     if a.act is not None or b.act is not None:
         return None
-    if not isinstance(a.weight, torch.Tensor) or not isinstance(b.weight, torch.Tensor):
-        return a.weight.merged_with(b.weight) if hasattr(a.weight, "merged_with") else None
+    if isinstance(a.weight, torch.Tensor) != isinstance(b.weight, torch.Tensor):
+        return None
+    if not isinstance(a.weight, torch.Tensor):
+        return a.weight.merged_with(b.weight)             # GGUF blocks (kernels/gpu/linear.py BlockWeight)
     w = torch.cat([a.weight.detach(), b.weight.detach()])
     a.weight = nn.Parameter(w[:a.out_features], requires_grad=False)
     b.weight = nn.Parameter(w[a.out_features:], requires_grad=False)
