@@ -312,8 +312,8 @@ def put_blocks(model: DeepSeek, f: GGUFFile, cfg: ModelConfig, names: frozenset[
             linear = model.get_submodule(pname.rsplit(".", 1)[0])
             # copied out of the memory map first: pages of it may be registered with CUDA for the experts
             # (kernels/gpu/pull.py), and a copy from a range only partly registered fails
-            blocks = torch.from_numpy(np.array(f.raw(gname))).to(device)     # uint8 (n_out, row_bytes)
-            linear.weight = BlockWeight(blocks, f.tensors[gname].ggml_type, linear.in_features)
+            rows = torch.from_numpy(np.array(f.raw(gname)))                  # uint8 (n_out, row_bytes)
+            linear.weight = BlockWeight(rows, f.tensors[gname].ggml_type, linear.in_features, device)
 
 
 def load_offloaded(f: GGUFFile, cfg: ModelConfig, placement: Placement, device: str | torch.device,

@@ -13,7 +13,8 @@ import torch
 from dslocal.gui import cli
 from dslocal.offload import hotness
 from dslocal.offload.cpu_worker import ExpertWorker
-from dslocal.offload.hybrid import BlockLinear, OffloadedMoE, load_offloaded, routing_counts
+from dslocal.kernels.gpu.linear import BlockWeight
+from dslocal.offload.hybrid import BlockLinear, OffloadedMoE, OnDevice, load_offloaded, routing_counts
 from dslocal.offload.place import Placing, _calibrate, replace_gpu_experts
 from dslocal.offload.planner import Budget, Hardware, ModelShape, plan
 from dslocal.quant.gguf_file import open_gguf
@@ -76,7 +77,9 @@ def test_every_placement_gives_the_reference_tokens(nano, reference_tokens, gree
         # on the CPU every linear layer (attention, shared experts, dense FFN, head) decodes from its blocks,
         # on a GPU they keep their blocks there (kernels/gpu/linear.py)
         assert isinstance(model.head, BlockLinear) == (device == "cpu")
-        assert device == "cpu" or not isinstance(model.head.weight, torch.Tensor)
+        if device == "cuda":    # the head where the plan put it: its blocks on the GPU, or run on the CPU
+            assert isinstance(model.head, OnDevice) == (placement.head.device == "cpu")
+            assert isinstance(model.head, OnDevice) or isinstance(model.head.weight, BlockWeight)
         for p in prompts:
             got = greedy.dslocal(model, cfg, tok.encode(p), n, device)
             want = reference_tokens[p][:n]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dslocal.kernels.gpu import gemv
 from dslocal.kernels.gpu import linear as gpu_linear
 from dslocal.kernels.gpu.linear import GEMV_TOKENS, BlockWeight, linear
 from dslocal.quant.dequant import dequantize
@@ -47,7 +48,8 @@ def test_matches_reference_f32(t, device):
     rng = np.random.default_rng(int(t))
     raw, w = weight_of(t, n_in, n_out, rng)
     bw = BlockWeight(torch.from_numpy(raw).to(device), t, n_in)
-    assert bw.n_out == n_out and bw.nbytes == raw.nbytes
+    assert bw.n_out == n_out and torch.equal(bw.rows().cpu(), torch.from_numpy(raw))
+    assert raw.nbytes <= bw.nbytes <= raw.nbytes + 15 * n_out       # Q6_K planes pad rows to 16 bytes
     for M in TOKENS:
         x = rng.standard_normal((M, n_in), dtype=np.float32)
         y = bw(torch.from_numpy(x).to(device))
@@ -107,3 +109,39 @@ def test_bf16_within_tolerance(t):
         err = nse(y.float().cpu(), x.double().cpu().numpy() @ w.T) ** 0.5
         print(f"{t.name} M={M} bf16: relative RMS error {err:.2e} (bound {RMS_BF16:.0e})")
         assert y.dtype == torch.bfloat16 and err < RMS_BF16
+
+
+def test_q6k_planes_hold_the_rows():
+    """gemv.q6k_planes rearranges a row's blocks into aligned planes; q6k_rows gives the same bytes back."""
+    rng = np.random.default_rng(3)
+    rows = torch.from_numpy(rng.integers(0, 256, (5, 11 * 210), dtype=np.uint8))
+    planes = gemv.q6k_planes(rows)
+    assert planes.shape == (5, gemv.q6k_plane_bytes(11 * 256)) and planes.shape[1] % 16 == 0
+    assert torch.equal(planes[:, :128], rows[:, :128]) and torch.equal(planes[:, 11 * 128:11 * 128 + 64],
+                                                                       rows[:, 128:192])
+    assert torch.equal(gemv.q6k_rows(planes, 11 * 256), rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("t", sorted(gemv.TYPES), ids=lambda t: t.name)
+def test_gemv_kernels_every_tiling(t):
+    """kernels/gpu/gemv.py at every tiling, on 11 blocks a row (a partial last step) and rows that are not a
+    multiple of any tile: float32 x within NSE_F32 (its values as 0.5 + q / 256 lose a few bits to the
+    offset), bf16 x within RMS_BF16."""
+    if not gemv.usable(torch.device("cuda")):
+        pytest.skip("this Triton has no Gluon")
+    n_in, n_out = 11 * 256, 1001
+    rng = np.random.default_rng(20 + int(t))
+    raw, w = weight_of(t, n_in, n_out, rng)
+    bw = BlockWeight(torch.from_numpy(raw), t, n_in, "cuda")
+    assert bw.planar == (t == T_.Q6_K) and torch.equal(bw.rows().cpu(), torch.from_numpy(raw))
+    for tile in gemv.TILINGS[t]:
+        for M in (1, 3):
+            x = torch.from_numpy(rng.standard_normal((M, n_in), dtype=np.float32)).cuda()
+            for dtype, bound in ((torch.float32, NSE_F32), (torch.bfloat16, RMS_BF16 ** 2)):
+                xd = x.to(dtype)
+                y = torch.full((M, n_out), float("nan"), dtype=dtype, device="cuda")
+                gemv.gemv(xd, bw.blocks, t, n_in, y, tile)
+                err = nse(y.float().cpu(), xd.double().cpu().numpy() @ w.T)
+                print(f"{t.name} tile {tile} M={M} {dtype}: NSE {err:.2e} (bound {bound:.0e})")
+                assert err < bound
