@@ -61,7 +61,8 @@ class BlockWeight:
             raise ValueError(f"a {t.name} weight of {n_in} columns needs contiguous uint8 blocks (rows, {want}), "
                              f"got {rows.dtype} {tuple(rows.shape)}")
         device = rows.device if device is None else torch.device(device)
-        self.planar = t == GGMLType.Q6_K and gemv.usable(device)
+        self.fast = t in gemv.TYPES and gemv.usable(device)      # one-token products by kernels/gpu/gemv.py
+        self.planar = self.fast and t == GGMLType.Q6_K
         self.blocks = (gemv.q6k_planes(rows) if self.planar else rows).to(device)
         self.ggml_type, self.n_in = t, n_in
 
@@ -103,7 +104,7 @@ def linear(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
         return Fn.linear(x, dequantize(w.rows(), w.ggml_type, x.dtype))
     x2 = x.reshape(M, w.n_in).contiguous()
     y = torch.empty(M, w.n_out, dtype=x.dtype, device=x.device)
-    if M and w.ggml_type in gemv.TYPES and gemv.usable(x.device):
+    if M and w.fast:
         gemv.gemv(x2, w.blocks, w.ggml_type, w.n_in, y)
     elif M:
         _gemv_kernel[(M, triton.cdiv(w.n_out, BLOCK_R))](
