@@ -27,8 +27,9 @@ from dslocal.runtime.model import DeepSeek, LatentCache
 from dslocal.runtime.tokenizer import Tokenizer
 
 GiB = 2**30
-# GPU memory kept out of the plan: activations, a prefill chunk's attention scores and torch's allocator
-# slack (1 GiB), and the two units of experts a long prefill streams (offload/prefill.py); with no
+# GPU memory kept out of the plan: activations, a long prompt's group of dequantized experts (kernels/gpu/moe.py
+# DEQUANT_BYTES) and torch's allocator slack (1 GiB), and the two units of experts a long prefill streams
+# (offload/prefill.py; an 8192-token prompt of a V2-Lite-shaped file peaked at 3.5 GiB with 1.4 GiB placed); with no
 # --gpu-memory, a further MARGIN of the free memory is left to other programs.
 WORKSPACE = GiB + 2 * UNIT_BYTES
 MARGIN = 0.05

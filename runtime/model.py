@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as Fn
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dslocal.runtime.config import GATING_SIGMOID, ModelConfig
 
@@ -147,6 +148,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
+# torch's fused attention kernels that a prompt on a GPU may take (MLA._attend_expanded). Not cuDNN's: it
+# builds a plan for every new shape (37-670 ms at the first call on the GPU box), and each turn of a
+# conversation brings a new (new tokens, cached tokens) shape.
+PROMPT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 DECODE_TOKENS = 4   # new tokens up to which a forward with a cache uses the decode attention kernels (GPU, CPU)
 
 
@@ -164,7 +169,8 @@ class LatentCache:
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2 paper section 2.1), computed in the absorbed form."""
+    """Multi-head latent attention (DeepSeek-V2 paper section 2.1), computed in the absorbed form (but a prompt on
+    a GPU: _attend_expanded)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -220,6 +226,8 @@ class MLA(nn.Module):
             latent_to_cache(kv, self.kv_norm.weight, self.kv_norm.eps, cos, sin, cache.kv[layer], cache.pe[layer],
                             start)
             c_kv, k_pe = cache.kv[layer, :, :start + T], cache.pe[layer, :, :start + T]
+            if self.act_k_b is None and self.act_v_b is None:
+                return self.wo(self._attend_expanded(q_nope, q_pe, c_kv, k_pe, start).flatten(2).to(x.dtype))
         else:
             q_nope, q_pe = q[..., :self.N], apply_rope(q[..., self.N:], cos[:, None], sin[:, None])
             c_kv = self.kv_norm(kv[..., :self.C])                        # (B, T, C)
@@ -252,6 +260,27 @@ class MLA(nn.Module):
                                      cache.kv[layer], cache.pe[layer], start)
         o_lat = mla_decode(q_lat, q_pe, cache.kv[layer], cache.pe[layer], start, self.scale, length_add=q.shape[1])
         return self.wo(absorb_o(round_activations(o_lat, self.act_v_b), self.wv_b, x.dtype).flatten(2))
+
+    def _attend_expanded(self, q_nope, q_pe, c_kv, k_pe, start: int) -> torch.Tensor:
+        """A prompt's attention on a GPU: each head's keys and values expanded from the latents (the form the
+        model trains in; for T new tokens over S cached ones, cheaper than the absorbed form's 576-wide keys
+        once T is more than a few), then torch's fused attention, which never holds the (T, H, S) scores.
+        q_nope (B, T, H, N), q_pe (B, T, H, R), c_kv (B, S, C), k_pe (B, S, R) -> (B, T, H, Vh) in q's dtype."""
+        B, T, H, _ = q_nope.shape
+        S, dt = c_kv.shape[1], q_nope.dtype
+        c_kv = c_kv.to(dt)
+        k = torch.cat([torch.einsum("bsc,hnc->bhsn", c_kv, self.wk_b.to(dt)),
+                       k_pe.to(dt)[:, None].expand(B, H, S, self.R)], -1)           # (B, H, S, N + R)
+        v = torch.einsum("bsc,hvc->bhsv", c_kv, self.wv_b.to(dt))                   # (B, H, S, Vh)
+        q = torch.cat([q_nope, q_pe.to(dt)], -1).transpose(1, 2)                    # (B, H, T, N + R)
+        with sdpa_kernel(PROMPT_ATTENTION):
+            if start == 0:                       # S == T
+                o = Fn.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            else:                                # new token t sees cached positions up to start + t
+                seen = (torch.arange(S, device=q.device)[None, :]
+                        <= torch.arange(start, start + T, device=q.device)[:, None])
+                o = Fn.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=self.scale)
+        return o.transpose(1, 2)
 
     def _attend(self, q_lat, q_pe, c_kv, k_pe, start: int) -> torch.Tensor:
         """softmax(q_lat . c_kv + q_pe . k_pe) . c_kv over the causal positions -> o_lat (B, T, H, C) fp32."""

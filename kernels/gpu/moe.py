@@ -11,7 +11,11 @@ the CPU: its programs read nothing and its down output is zero.
   2. y[p] = w[p] * down_e h[p]                         (P, D) float32
   3. out[t] = sum_k y[t, k]   (or out[t] += ..., to add the experts to what out holds)   (T, D) float32
 Prefill (more pairs): pairs sorted by expert, each used expert dequantized once to `experts.dtype` and
-multiplied with torch; this path synchronises (it reads the per-expert counts).
+multiplied with torch; this path synchronises once (it reads the per-expert counts). In bf16, where torch
+has grouped matrix products (`torch._grouped_mm`, torch 2.8+; on CUDA for sm90 and newer), consecutive
+experts are dequantized together, up to DEQUANT_BYTES at a time, and each group takes three products for
+all its experts' pairs: a few dozen launches per layer instead of ~15 per expert. A 2048-token prefill of a
+V2-Lite-shaped layer was bound by those launches from Python (README, Measured).
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ DECODE_PAIRS = 64    # at most this many (token, expert) pairs take the graph-ca
 SUM_BLOCK = 512      # output values per program of the decode path's sum over a token's pairs
 BLOCK_R = 16         # output rows per program
 VALUES_PER_STEP = 256   # columns per loop step: one K-quant super-block, 8 Q8_0 blocks, 8 dense chunks
+GROUPED = True       # the prefill path's grouped products, where _grouped_products says torch has them
+DEQUANT_BYTES = 256 * 2**20   # at most this many bytes of a prefill's experts dequantized at once (a group)
 
 
 def _host_tensor(a: np.ndarray) -> torch.Tensor:
@@ -138,8 +144,16 @@ class GPUExperts:
 
     def matrix(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Dense (rows, cols) weights of local expert e's `name` matrix ('gate', 'up', 'down') in dtype."""
-        a, t = getattr(self, name)[e], getattr(self, name + "_type")
-        return dequantize(a, t, dtype) if t in self.kept else a.to(dtype)
+        return self.matrices(name, e, e + 1, dtype)[0]
+
+    def matrices(self, name: str, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dense (b - a, rows, cols) weights of local experts a .. b-1's `name` matrix in dtype."""
+        m, t = getattr(self, name)[a:b], getattr(self, name + "_type")
+        return dequantize(m, t, dtype) if t in self.kept else m.to(dtype)
+
+    def dense_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one expert's three matrices dequantized to dtype."""
+        return 3 * self.hidden * self.ffn * torch.empty((), dtype=dtype).element_size()
 
 
 @triton.jit
@@ -290,15 +304,25 @@ def _decode(x, ids, wts, ex: GPUExperts, out, accumulate):
 
 
 def _prefill(x, ids, wts, ex: GPUExperts, out, accumulate):
-    """The batched path: pairs grouped by expert, one dequantization and three matmuls per used expert."""
+    """The batched path: pairs grouped by expert, one dequantization per used expert, torch's products."""
     T, K = ids.shape
-    cdt = ex.dtype
     flat = ids.reshape(-1)                                   # (P,), pair p = t*K + k
     order = torch.argsort(flat, stable=True)                 # pairs grouped by expert, the -1s first
-    counts = torch.bincount(flat + 1, minlength=ex.n_expert + 1).tolist()   # the one sync
-    w_flat = wts.reshape(-1)
+    counts_here = torch.bincount(flat + 1, minlength=ex.n_expert + 1)
+    counts = counts_here.tolist()                            # the one sync
     if not accumulate:
         out.zero_()
+    if GROUPED and ex.dtype == torch.bfloat16 and _grouped_products(x.device) and \
+            ex.hidden % 8 == 0 and ex.ffn % 8 == 0:          # grouped products want 16-byte rows
+        _prefill_grouped(x, order, counts, counts_here, wts.reshape(-1), K, ex, out)
+    else:
+        _prefill_each(x, order, counts, wts.reshape(-1), K, ex, out)
+    return out
+
+
+def _prefill_each(x, order, counts, w_flat, K, ex: GPUExperts, out):
+    """out += each used expert's pairs, one expert at a time (three products and ~15 launches each)."""
+    cdt = ex.dtype
     start = counts[0]
     for e, n in enumerate(counts[1:]):
         if n == 0:
@@ -310,4 +334,57 @@ def _prefill(x, ids, wts, ex: GPUExperts, out, accumulate):
         gate, up, down = (ex.matrix(name, e, cdt) for name in ("gate", "up", "down"))
         h = torch.nn.functional.silu((xe @ gate.T).float()) * (xe @ up.T).float()   # (n, F)
         out.index_add_(0, t, (h.to(cdt) @ down.T).float() * w_flat[p, None])
-    return out
+
+
+def _prefill_grouped(x, order, counts, counts_here, w_flat, K, ex: GPUExperts, out):
+    """out += every used expert's pairs, consecutive experts in groups of at most DEQUANT_BYTES dequantized:
+    per group three grouped products over the group's pairs (rows sorted by expert). The same roundings as
+    _prefill_each: products in bf16, silu and the weights in float32."""
+    cdt = ex.dtype
+    p = order[counts[0]:]                                    # the pairs of experts here, by expert
+    t = p // K
+    xs = x[t].to(cdt)                                        # (P, D)
+    ws = w_flat[p, None]
+    ends = torch.cumsum(counts_here[1:], 0).to(torch.int32)  # row after each expert's last pair
+    E, per_group = ex.n_expert, max(1, DEQUANT_BYTES // ex.dense_bytes(cdt))
+    e = row = 0
+    while e < E:
+        if counts[1 + e] == 0:
+            e += 1
+            continue
+        b = min(E, e + per_group)
+        while counts[b] == 0:                                # trailing experts without pairs: left out
+            b -= 1
+        rows = slice(row, row + sum(counts[1 + e:1 + b]))
+        offs = ends[e:b] - row                               # group ends within this group's rows
+        gate, up, down = (ex.matrices(name, e, b, cdt).transpose(1, 2) for name in ("gate", "up", "down"))
+        xg = xs[rows]
+        h = torch.nn.functional.silu(torch._grouped_mm(xg, gate, offs=offs).float()) * \
+            torch._grouped_mm(xg, up, offs=offs).float()
+        y = torch._grouped_mm(h.to(cdt), down, offs=offs)
+        out.index_add_(0, t[rows], y.float() * ws[rows])
+        row, e = rows.stop, b
+
+
+_GROUPED: dict[str, bool] = {}
+
+
+def _grouped_products(device: torch.device) -> bool:
+    """Whether torch computes bf16 grouped products on this device (torch 2.8+; CUDA needs sm90 or newer):
+    tried once per device on a small case and compared with plain products."""
+    key = str(device)
+    if key not in _GROUPED:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                g = torch.Generator().manual_seed(0)
+                a = torch.randn(24, 16, generator=g).to(device, torch.bfloat16)
+                b = torch.randn(3, 32, 16, generator=g).to(device, torch.bfloat16)
+                offs = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)
+                y = torch._grouped_mm(a, b.transpose(1, 2), offs=offs)
+                want = torch.cat([a[:8] @ b[0].T, a[8:] @ b[2].T])
+                ok = bool(torch.allclose(y.float(), want.float(), rtol=2e-2, atol=2e-2))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED[key] = ok
+    return _GROUPED[key]

@@ -33,21 +33,46 @@ def merge(m: DeepSeek) -> DeepSeek:
 @pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
 def test_fused_inference_equals_the_torch_path(preset, merged):
     m = model_of(preset)
-    tokens = torch.randint(0, 256, (1, 9), device="cuda")
+    tokens = torch.randint(0, 256, (1, 20), device="cuda")
     want = m(tokens)                                      # grad enabled: the torch code
     with torch.no_grad():
         assert fused(torch.zeros(1, device="cuda"))
         if merged:
             merge(m)
         got = m(tokens)
-        cache = LatentCache(m.cfg, 1, 16, torch.float32, "cuda")
+        cache = LatentCache(m.cfg, 1, 32, torch.float32, "cuda")
         first = m(tokens[:, :5], cache, 0)                # prefill, then one token at a time
         steps = [m(tokens[:, i:i + 1], cache, i) for i in range(5, 9)]
+        more = m(tokens[:, 9:20], cache, 9)               # a second prompt after them (attention over a cache)
     for name, out, ref in [("no cache", got, want), ("prefill", first, want[:, :5]),
-                           ("decode", torch.cat(steps, 1), want[:, 5:])]:
+                           ("decode", torch.cat(steps, 1), want[:, 5:9]), ("more", more, want[:, 9:])]:
         err = ((out - ref).abs().max() / ref.abs().max()).item()
         print(f"{preset} {name}: max rel error {err:.2e} (tol {TOL:.0e})")
         assert err < TOL
+
+
+@needs_cuda
+@pytest.mark.parametrize("start", [0, 37])
+def test_prompt_attention_expanded_equals_absorbed(start):
+    """A prompt's attention on a GPU (MLA._attend_expanded: per-head keys and values, torch's fused
+    attention) against the absorbed form in float32 (MLA._attend), in bf16 at V2-Lite's head shapes, from
+    an empty cache and after 37 cached positions."""
+    torch.manual_seed(1)
+    m = DeepSeek(dataclasses.replace(PRESETS["v2-lite"], vocab_size=256, n_layer=1)).to("cuda", torch.bfloat16)
+    a, T, S = m.layers[0].attn, 300, start + 300
+    for w in (a.wk_b, a.wv_b):
+        torch.nn.init.normal_(w, std=0.05)
+    q_nope = torch.randn(1, T, a.H, a.N, device="cuda", dtype=torch.bfloat16)
+    q_pe = torch.randn(1, T, a.H, a.R, device="cuda", dtype=torch.bfloat16)
+    c_kv = torch.randn(1, S, a.C, device="cuda", dtype=torch.bfloat16)
+    k_pe = torch.randn(1, S, a.R, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = a._attend_expanded(q_nope, q_pe, c_kv, k_pe, start).float()
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope.float(), a.wk_b.float())
+        want = torch.einsum("bthc,hvc->bthv", a._attend(q_lat, q_pe, c_kv, k_pe, start), a.wv_b.float())
+    err = ((got - want).norm() / want.norm()).item()
+    print(f"start {start}: relative RMS error {err:.2e}")
+    assert got.shape == (1, T, a.H, a.wv_b.shape[1]) and err < 1e-2
 
 
 @pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
