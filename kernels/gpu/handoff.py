@@ -102,11 +102,15 @@ def _receive_kernel(p_y, p_outh, p_z, p_sync, p_step, i_done, i_abort, N, timeou
         tl.store(p_sync + i_abort, step)         # timed out: later receives of this step do not wait
     tl.store(p_sync + i_done + 1, t)             # when the answer was seen, for profiles
     tl.store(p_sync + i_done + 2, t0)            # and when the wait for it began
-    zero = _fence_sys()                          # the result's loads after the flag's
+    # The flag's load and this fence acquire what the CPU wrote before its flag (PTX memory model), so the
+    # result takes plain loads, 16 bytes at a time; volatile ones were 32-bit reads over PCIe, 2048 of them.
+    # Their addresses depend on the fence's output, so the compiler cannot move them above it.
+    zero = _fence_sys()
+    p_res = tl.multiple_of(p_outh + zero, 16)    # still the buffer's start (pinned buffers are aligned)
     o = tl.arange(0, BLOCK_N)
     for start in range(0, N, BLOCK_N):
         m = start + o < N
-        b_out = tl.load(p_outh + start + o + zero, mask=m, volatile=True)
+        b_out = tl.load(p_res + start + o, mask=m)
         b_y = tl.load(p_y + start + o, mask=m)
         tl.store(p_z + start + o, (b_y + b_out).to(p_z.dtype.element_ty), mask=m)
 
@@ -151,6 +155,8 @@ def receive(y: torch.Tensor, out_host: torch.Tensor, sync: torch.Tensor, i_done:
             or not y.is_contiguous():
         raise ValueError("receive needs y and its host result as contiguous float32 of one shape")
     _check_host(out_host, "the host result")
+    if out_host.data_ptr() % 16:
+        raise ValueError("the host result must start on a 16-byte boundary (the receive reads it 16 bytes at a time)")
     _check_host(sync, "sync")
     z = torch.empty(y.shape, dtype=dtype, device=y.device)
     _receive_kernel[(1,)](y, out_host, z, sync, step, i_done, i_abort, y.numel(), int(timeout_s * 1e9),
