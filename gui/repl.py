@@ -7,7 +7,7 @@ import os
 import sys
 
 from dslocal.runtime.chat import ThinkSplitter
-from dslocal.runtime.generate import ContextFull, Stats
+from dslocal.runtime.generate import ContextFull, OutOfMemory, Stats
 from dslocal.gui.options import add_model_arguments, load_model
 from dslocal.runtime.load import Loaded
 from dslocal.runtime.sampling import Sampling
@@ -156,6 +156,9 @@ class Repl:
             finish = "interrupted"
             _show(split.flush())
             print(" [stopped]", end="")
+        except OutOfMemory as e:         # the conversation stays as it was: the message can be sent again
+            print(f"\ndslocal: {e}")
+            return
         print()
         if finish == "context":
             print(f"(the context of {self.loaded.engine.context_length} tokens is full: /reset to start over)")

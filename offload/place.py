@@ -27,11 +27,13 @@ from dslocal.runtime.model import DeepSeek, LatentCache
 from dslocal.runtime.tokenizer import Tokenizer
 
 GiB = 2**30
-# GPU memory kept out of the plan: activations, a long prompt's group of dequantized experts (kernels/gpu/moe.py
-# DEQUANT_BYTES) and torch's allocator slack (1 GiB), and the two units of experts a long prefill streams
-# (offload/prefill.py; an 8192-token prompt of a V2-Lite-shaped file peaked at 3.5 GiB with 1.4 GiB placed); with no
-# --gpu-memory, a further MARGIN of the free memory is left to other programs.
-WORKSPACE = GiB + 2 * UNIT_BYTES
+# GPU memory kept out of the plan: the activations of a prompt's piece of PREFILL_CHUNK tokens (with a group of
+# dequantized experts, kernels/gpu/moe.py DEQUANT_BYTES) and torch's allocator slack (1.5 GiB), and the two
+# units of experts a long prefill streams (offload/prefill.py). On the GPU box a piece of 4096 tokens peaked at
+# 1.60 GiB above the loaded model for a V2-Lite-shaped file (0.73 GiB of it two units) and 2.22 GiB for the
+# V3-shaped slice (1 GiB of units). With no --gpu-memory, a further MARGIN of the free memory is left to other
+# programs.
+WORKSPACE = 3 * GiB // 2 + 2 * UNIT_BYTES
 MARGIN = 0.05
 CALIBRATION_TOKENS = 512
 PULL_SHARE = 1 / 3     # default share of a token's experts a decode step's GPU reads from host memory

@@ -152,6 +152,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # builds a plan for every new shape (37-670 ms at the first call on the GPU box), and each turn of a
 # conversation brings a new (new tokens, cached tokens) shape.
 PROMPT_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+EXPANDED_KV_BYTES = 256 * 2**20   # at most this much of a prompt's expanded keys and values at a time
 DECODE_TOKENS = 4   # new tokens up to which a forward with a cache uses the decode attention kernels (GPU, CPU)
 
 
@@ -267,20 +268,26 @@ class MLA(nn.Module):
         once T is more than a few), then torch's fused attention, which never holds the (T, H, S) scores.
         q_nope (B, T, H, N), q_pe (B, T, H, R), c_kv (B, S, C), k_pe (B, S, R) -> (B, T, H, Vh) in q's dtype."""
         B, T, H, _ = q_nope.shape
-        S, dt = c_kv.shape[1], q_nope.dtype
-        c_kv = c_kv.to(dt)
-        k = torch.cat([torch.einsum("bsc,hnc->bhsn", c_kv, self.wk_b.to(dt)),
-                       k_pe.to(dt)[:, None].expand(B, H, S, self.R)], -1)           # (B, H, S, N + R)
-        v = torch.einsum("bsc,hvc->bhsv", c_kv, self.wv_b.to(dt))                   # (B, H, S, Vh)
-        q = torch.cat([q_nope, q_pe.to(dt)], -1).transpose(1, 2)                    # (B, H, T, N + R)
-        with sdpa_kernel(PROMPT_ATTENTION):
-            if start == 0:                       # S == T
-                o = Fn.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            else:                                # new token t sees cached positions up to start + t
-                seen = (torch.arange(S, device=q.device)[None, :]
-                        <= torch.arange(start, start + T, device=q.device)[:, None])
-                o = Fn.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=self.scale)
-        return o.transpose(1, 2)
+        S, dt, Vh = c_kv.shape[1], q_nope.dtype, self.wv_b.shape[1]
+        c_kv, q_pe = c_kv.to(dt), q_pe.to(dt)
+        seen = None                              # new token t sees cached positions up to start + t
+        if start:
+            at = torch.arange(S, device=c_kv.device)
+            seen = at[None, :] <= at[start:start + T, None]
+        o = torch.empty(B, T, H, Vh, dtype=dt, device=c_kv.device)
+        # heads a few at a time where the expanded keys and values of all of them would be large (long contexts)
+        step = max(1, EXPANDED_KV_BYTES // (B * S * (self.N + self.R + Vh) * c_kv.element_size()))
+        for h in range(0, H, step):
+            heads = slice(h, min(H, h + step))
+            n = heads.stop - h
+            k = torch.cat([torch.einsum("bsc,hnc->bhsn", c_kv, self.wk_b[heads].to(dt)),
+                           k_pe.to(dt)[:, None].expand(B, n, S, self.R)], -1)      # (B, n, S, N + R)
+            v = torch.einsum("bsc,hvc->bhsv", c_kv, self.wv_b[heads].to(dt))       # (B, n, S, Vh)
+            q = torch.cat([q_nope[:, :, heads], q_pe[:, :, heads]], -1).transpose(1, 2)   # (B, n, T, N + R)
+            with sdpa_kernel(PROMPT_ATTENTION):
+                o[:, :, heads] = Fn.scaled_dot_product_attention(q, k, v, attn_mask=seen, is_causal=not start,
+                                                                  scale=self.scale).transpose(1, 2)
+        return o
 
     def _attend(self, q_lat, q_pe, c_kv, k_pe, start: int) -> torch.Tensor:
         """softmax(q_lat . c_kv + q_pe . k_pe) . c_kv over the causal positions -> o_lat (B, T, H, C) fp32."""

@@ -101,3 +101,23 @@ def test_interactive_commands_and_ctrl_c(model, tmp_path):
         assert s.p.wait(timeout=60) == 0
     finally:
         s.p.kill()
+
+
+def test_out_of_memory_keeps_the_conversation(model, capsys, monkeypatch):
+    """The device running out of memory for a message is one line; the conversation before it stays."""
+    from dslocal.gui.repl import Repl
+    from dslocal.runtime.generate import OutOfMemory
+    from dslocal.runtime.load import RunConfig, load
+    from dslocal.runtime.sampling import Sampling
+    loaded = load(model, RunConfig(context=64))
+    repl = Repl(loaded, Sampling(temperature=0.0, max_tokens=4), "")
+    repl.answer("Hi")
+    kept = list(repl.messages)
+
+    def no_room(ids, sampling):
+        raise OutOfMemory("the GPU ran out of memory for a prompt of 9 new tokens")
+    monkeypatch.setattr(loaded.engine, "generate", no_room)
+    capsys.readouterr()
+    repl.answer("Tell me more")
+    assert len(kept) == 2 and repl.messages == kept
+    assert "dslocal: the GPU ran out of memory for a prompt of 9 new tokens" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dslocal.quant.synthetic import PRESETS
+from dslocal.runtime import model as rm
 from dslocal.runtime.model import DeepSeek, LatentCache, fused, init_weights
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -52,11 +53,14 @@ def test_fused_inference_equals_the_torch_path(preset, merged):
 
 
 @needs_cuda
+@pytest.mark.parametrize("kv_bytes", [None, 1], ids=["all-heads", "one-head-at-a-time"])
 @pytest.mark.parametrize("start", [0, 37])
-def test_prompt_attention_expanded_equals_absorbed(start):
+def test_prompt_attention_expanded_equals_absorbed(start, kv_bytes, monkeypatch):
     """A prompt's attention on a GPU (MLA._attend_expanded: per-head keys and values, torch's fused
     attention) against the absorbed form in float32 (MLA._attend), in bf16 at V2-Lite's head shapes, from
-    an empty cache and after 37 cached positions."""
+    an empty cache and after 37 cached positions; all heads at once, and one at a time (long contexts)."""
+    if kv_bytes is not None:
+        monkeypatch.setattr(rm, "EXPANDED_KV_BYTES", kv_bytes)
     torch.manual_seed(1)
     m = DeepSeek(dataclasses.replace(PRESETS["v2-lite"], vocab_size=256, n_layer=1)).to("cuda", torch.bfloat16)
     a, T, S = m.layers[0].attn, 300, start + 300
