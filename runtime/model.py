@@ -269,7 +269,7 @@ class MLA(nn.Module):
         q_nope (B, T, H, N), q_pe (B, T, H, R), c_kv (B, S, C), k_pe (B, S, R) -> (B, T, H, Vh) in q's dtype."""
         B, T, H, _ = q_nope.shape
         S, dt, Vh = c_kv.shape[1], q_nope.dtype, self.wv_b.shape[1]
-        c_kv, q_pe = c_kv.to(dt), q_pe.to(dt)
+        c_kv, q_pe, k_pe = c_kv.to(dt), q_pe.to(dt), k_pe.to(dt)
         seen = None                              # new token t sees cached positions up to start + t
         if start:
             at = torch.arange(S, device=c_kv.device)
@@ -281,7 +281,7 @@ class MLA(nn.Module):
             heads = slice(h, min(H, h + step))
             n = heads.stop - h
             k = torch.cat([torch.einsum("bsc,hnc->bhsn", c_kv, self.wk_b[heads].to(dt)),
-                           k_pe.to(dt)[:, None].expand(B, n, S, self.R)], -1)      # (B, n, S, N + R)
+                           k_pe[:, None].expand(B, n, S, self.R)], -1)             # (B, n, S, N + R)
             v = torch.einsum("bsc,hvc->bhsv", c_kv, self.wv_b[heads].to(dt))       # (B, n, S, Vh)
             q = torch.cat([q_nope[:, :, heads], q_pe[:, :, heads]], -1).transpose(1, 2)   # (B, n, T, N + R)
             with sdpa_kernel(PROMPT_ATTENTION):

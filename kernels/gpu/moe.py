@@ -153,7 +153,7 @@ class GPUExperts:
 
     def dense_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of one expert's three matrices dequantized to dtype."""
-        return 3 * self.hidden * self.ffn * torch.empty((), dtype=dtype).element_size()
+        return 3 * self.hidden * self.ffn * dtype.itemsize
 
 
 @triton.jit
