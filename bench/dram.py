@@ -41,23 +41,31 @@ def read_bandwidth(gib: float = 4.0, repeat: int = 5, threads: int | None = None
     Probed from a thread that ends with the probe: its OpenMP team goes with it, and does not stay beside
     the CPU expert worker's (offload/cpu_worker.py says why that would slow the worker down)."""
     threads = threads or numba.get_num_threads()
-    return in_passing_thread(_probe, gib, repeat, threads)
+    return in_passing_thread(lambda: Probe(gib, threads).read(repeat))
 
 
-def _probe(gib: float, repeat: int, threads: int) -> dict:
-    numba.set_num_threads(threads)
-    a = np.empty(int(gib * 2**30) // 8, np.uint64)
-    a[:] = 1                                   # touch every page before timing
-    n = numba.get_num_threads()
-    _read_all(a[: 1 << 16], n)                 # compile (or load) outside the timing
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        _read_all(a, n)
-        times.append(time.perf_counter() - t0)
-    best = min(times)
-    return {"bytes": a.nbytes, "threads": n, "seconds": best, "GB_per_s": a.nbytes / best / 1e9,
-            "median_GB_per_s": a.nbytes / float(np.median(times)) / 1e9}
+class Probe:
+    """A buffer of gib GiB, its pages touched, for reads of it on `threads` threads from the calling thread
+    (one that runs no other team of parallel code beside it): on a shared machine the bandwidth moves by tens
+    of percent within minutes, so a benchmark probes again next to each thing it judges against it."""
+
+    def __init__(self, gib: float = 4.0, threads: int | None = None):
+        self.threads = threads or numba.get_num_threads()
+        self.a = np.empty(int(gib * 2**30) // 8, np.uint64)
+        self.a[:] = 1                           # touch every page before timing
+        _read_all(self.a[: 1 << 16], self.threads)  # compile (or load) outside the timing
+
+    def read(self, repeat: int = 5) -> dict:
+        numba.set_num_threads(self.threads)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            _read_all(self.a, self.threads)
+            times.append(time.perf_counter() - t0)
+        best = min(times)
+        n = self.a.nbytes
+        return {"bytes": n, "threads": self.threads, "seconds": best, "GB_per_s": n / best / 1e9,
+                "median_GB_per_s": n / float(np.median(times)) / 1e9}
 
 
 def main(argv: list[str] | None = None) -> int:

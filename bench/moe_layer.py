@@ -7,14 +7,23 @@ machine's measured DRAM read bandwidth, with the same layer in torch on bf16 wei
 Weights are random blocks held in memory (not a file): a tile of quantized Gaussian rows repeated over
 every expert. A real model has tens of MoE layers, so no decode step finds experts in the last-level
 cache; here a layer smaller than 1.2 GB (three times the largest LLC seen, 300 MB on the GPU box) gets
-copies, and calls take the copies in turn. Each copy is called as the decode step's CPU worker calls a
-layer: a moe.py LayerCall built once on fixed input buffers, the router's choices written into them per
-call; T = 1 is also timed through moe_ffn, which checks its inputs and allocates its scratch per call.
-Routing is uniform; decode (T = 1) walks the experts in a fixed random order. "GB read" counts each distinct
-expert of a call once (the bytes the kernel must stream); the V2-Lite down projection takes llama-quantize's
-fallback type, since rows of 1408 are not whole 256-value super-blocks. For T = 512 the table also gives the
-time of the same 512 tokens as 64 separate T = 8 calls, and how many times faster per token the single call
-is.
+copies, and calls take the copies in turn.
+
+Every call runs on one offload/cpu_worker.py ExpertWorker thread, as the model's layers do (a second thread
+running parallel code would bring a second OpenMP team, and two teams make both sleep between steps), on a
+moe.py LayerCall per layer copy built once on fixed input buffers, the router's choices written into them
+before the clock starts. T = 1 is timed three ways, taking turns: as the decode step runs it (the worker
+waits inside the compiled layer for its inputs' flag, LayerCall.synced, and the time runs from the flag to
+the layer's end: offload/graphs.py), as a Python call of the LayerCall ("call ms"), and through moe_ffn,
+which also checks its inputs and allocates its scratch per call. Routing is uniform; decode (T = 1) walks
+the experts in a fixed random order. "GB read" counts each distinct expert of a call once (the bytes the
+kernel must stream); the V2-Lite down projection takes llama-quantize's fallback type, since rows of 1408
+are not whole 256-value super-blocks. For T = 512 the table also gives the time of the same 512 tokens as
+64 separate T = 8 calls, and how many times faster per token the single call is.
+
+The DRAM read bandwidth of a shared machine moves by tens of percent within minutes, so each row's "% of
+DRAM" is against the probe read on the same thread right before and right after that row's calls (the
+mean of the two, each the best of three reads); the run also probes at its start (best of five).
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import json
 import platform
 import resource
 import sys
+import threading
 import time
 
 import numba
@@ -30,10 +40,11 @@ import numpy as np
 import psutil
 import torch
 
-from dslocal.bench.dram import read_bandwidth
+from dslocal.bench.dram import Probe
 from dslocal.kernels.cpu import gemm
 from dslocal.kernels.cpu.moe import LayerCall, moe_ffn
 from dslocal.kernels.experts import ExpertTensors
+from dslocal.offload.cpu_worker import ExpertWorker
 from dslocal.quant.ggml import TYPE_INFO, GGMLType, parse_type
 from dslocal.quant.quantize import quantize
 
@@ -75,34 +86,80 @@ def routes(T: int, shape: dict, n_calls: int, rng) -> list[np.ndarray]:
     return [rng.random((T, E)).argsort(axis=1)[:, :K] for _ in range(n_calls)]
 
 
-class FixedCalls:
-    """A LayerCall per layer copy on shared input buffers of T tokens, the copies called in turn: inputs
-    are copied into the buffers (x only when it is another array than the buffer it was built on)."""
+def on_worker(worker: ExpertWorker, fn):
+    """fn() run on the worker's thread; what it returns."""
+    worker.submit_call(fn)
+    return worker.wait()
 
-    def __init__(self, layers: list[ExpertTensors], x: np.ndarray, K: int):
+
+def timed(fn):
+    """A function that runs fn() and returns the seconds it took."""
+    def run() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return run
+
+
+class FixedCalls:
+    """A LayerCall per layer copy on shared input buffers of T tokens, the copies called in turn on the worker:
+    inputs are copied into the buffers first (x only when it is another array than the buffer it was built on).
+    A call returns the seconds the layer took."""
+
+    def __init__(self, worker: ExpertWorker, layers: list[ExpertTensors], x: np.ndarray, K: int):
+        self.worker = worker
         self.x, self.ids, self.w = x, np.zeros((x.shape[0], K), np.int64), np.zeros((x.shape[0], K), np.float32)
         self.calls = [LayerCall(self.x, self.ids, self.w, ex) for ex in layers]
         self.n = 0
 
-    def __call__(self, x, ids, w):
+    def next_call(self, x, ids, w) -> LayerCall:
         if x is not self.x:
             self.x[:] = x
         self.ids[:], self.w[:] = ids, w
         self.n += 1
-        return self.calls[self.n % len(self.calls)]()
+        return self.calls[self.n % len(self.calls)]
+
+    def __call__(self, x, ids, w) -> float:
+        return on_worker(self.worker, timed(self.next_call(x, ids, w)))
+
+
+class FlaggedCalls(FixedCalls):
+    """The calls as the decode step makes them: the worker enters LayerCall.synced, which waits in compiled
+    code for a flag; PAUSE after the worker set out to call it (Python's call into the layer takes tens of us
+    at most), the clock starts and the flag is set; it stops when the worker is back from the layer. So the
+    time is the layer's from its inputs' arrival, as a decode step waits for it, plus the return to Python."""
+    PAUSE = 2e-4
+
+    def __init__(self, worker: ExpertWorker, layers: list[ExpertTensors], x: np.ndarray, K: int):
+        super().__init__(worker, layers, x, K)
+        self.sync = np.zeros(3, np.int64)     # ready, done, abort
+
+    def __call__(self, x, ids, w) -> float:
+        call, step, entered = self.next_call(x, ids, w), self.n, threading.Event()
+
+        def run() -> float:
+            entered.set()
+            if not call.synced(self.sync, 0, 1, 2, step):
+                raise RuntimeError("the layer was given up")
+            return time.perf_counter()
+        self.worker.submit_call(run)
+        entered.wait()
+        time.sleep(self.PAUSE)
+        t0 = time.perf_counter()
+        self.sync[0] = step
+        return self.worker.wait() - t0
 
 
 def time_calls(runs, ids_list, x, w) -> tuple[list[float], float]:
-    """Median seconds per call of each of the runs, which take the calls in turn (each its own routes, so
-    none finds another's experts in the cache, and a slow spell of a shared machine falls on all), and mean
-    distinct experts per call; the first two calls only warm up."""
+    """Median seconds per call of each of the runs (callables that return the seconds their call took), which
+    take the calls in turn (each its own routes, so none finds another's experts in the cache, and a slow
+    spell of a shared machine falls on all), and mean distinct experts per call; the first two calls only
+    warm up."""
     runs[0](x, ids_list[0], w)
     runs[-1](x, ids_list[1], w)
     times = [[] for _ in runs]
     for i, ids in enumerate(ids_list[2:]):
-        t0 = time.perf_counter()
-        runs[i % len(runs)](x, ids, w)
-        times[i % len(runs)].append(time.perf_counter() - t0)
+        times[i % len(runs)].append(runs[i % len(runs)](x, ids, w))
     return [float(np.median(t)) for t in times], float(np.mean([len(np.unique(i)) for i in ids_list[2:]]))
 
 
@@ -110,7 +167,8 @@ def n_calls_for(T: int) -> int:
     return {1: 42, 8: 22, 64: 8, 512: 4}.get(T, 6)
 
 
-def bench_quant(shape_name: str, t: GGMLType, tokens: list[int], dram: float, rng) -> list[dict]:
+def bench_quant(worker: ExpertWorker, shape_name: str, t: GGMLType, tokens: list[int], probe: Probe,
+                rng) -> list[dict]:
     shape = SHAPES[shape_name]
     layers = [layer(shape, t, rng)]
     n_copies = int(np.ceil(CACHE_DEFEAT_BYTES / (layers[0].expert_bytes() * shape["E"])))
@@ -122,24 +180,23 @@ def bench_quant(shape_name: str, t: GGMLType, tokens: list[int], dram: float, rn
     for T in tokens:
         x = rng.standard_normal((T, shape["D"]), dtype=np.float32)
         w = rng.random((T, shape["K"]), dtype=np.float32)
-        runs = [FixedCalls(layers, x, shape["K"])]
         if T == 1:
-            runs.append(lambda x, ids, w: moe_ffn(x, ids, w, layers[next(calls) % n_copies]))
+            runs = [FlaggedCalls(worker, layers, x, shape["K"]), FixedCalls(worker, layers, x, shape["K"]),
+                    lambda x, ids, w: on_worker(worker, timed(
+                        lambda: moe_ffn(x, ids, w, layers[next(calls) % n_copies])))]
+        else:
+            runs = [FixedCalls(worker, layers, x, shape["K"])]
         ids_list = routes(T, shape, n_calls_for(T) * len(runs), rng)
-        sec, n_exp = time_calls(runs, ids_list, x, w)
+        (sec, n_exp), dram = around(worker, probe, lambda: time_calls(runs, ids_list, x, w))
         row = _row(shape_name, "dslocal", types, T, sec[0], n_exp * ex.expert_bytes(), dram)
         row["layer_copies"] = n_copies
         if T == 1:
-            row["moe_ffn_ms"] = 1e3 * sec[1]
+            row["call_ms"], row["moe_ffn_ms"] = 1e3 * sec[1], 1e3 * sec[2]
         if T == 512:
             # the same tokens as 64 calls of 8 (their times added up)
-            ids, run = ids_list[-1], FixedCalls(layers, np.empty((8, shape["D"]), np.float32), shape["K"])
+            ids, run = ids_list[-1], FixedCalls(worker, layers, np.empty((8, shape["D"]), np.float32), shape["K"])
             run(x[:8], ids[:8], w[:8])
-            per = []
-            for i in range(0, T, 8):
-                t0 = time.perf_counter()
-                run(x[i:i + 8], ids[i:i + 8], w[i:i + 8])
-                per.append(time.perf_counter() - t0)
+            per = [run(x[i:i + 8], ids[i:i + 8], w[i:i + 8]) for i in range(0, T, 8)]
             row["t8x64_ms"] = 1e3 * sum(per)
             row["speedup_vs_t8x64"] = sum(per) / sec[0]
         rows.append(row)
@@ -147,7 +204,7 @@ def bench_quant(shape_name: str, t: GGMLType, tokens: list[int], dram: float, rn
     return rows
 
 
-def bench_torch(shape_name: str, tokens: list[int], dram: float, rng) -> list[dict]:
+def bench_torch(worker: ExpertWorker, shape_name: str, tokens: list[int], probe: Probe, rng) -> list[dict]:
     """The same layer in torch, bf16 weights and activations, experts looped as in kernels/ref.py."""
     shape = SHAPES[shape_name]
     E, D, F = shape["E"], shape["D"], shape["F"]
@@ -158,7 +215,7 @@ def bench_torch(shape_name: str, tokens: list[int], dram: float, rng) -> list[di
     expert_bytes = 3 * D * F * 2
 
     @torch.inference_mode()
-    def run(x, ids, w):
+    def layer_bf16(x, ids, w):
         x, ids, w = torch.from_numpy(x).bfloat16(), torch.from_numpy(ids), torch.from_numpy(w).bfloat16()
         y = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
@@ -167,32 +224,45 @@ def bench_torch(shape_name: str, tokens: list[int], dram: float, rng) -> list[di
             y.index_add_(0, t, (h @ down[e].T) * w[t, k, None])
         return y
 
+    def run(x, ids, w) -> float:
+        return on_worker(worker, timed(lambda: layer_bf16(x, ids, w)))
+
     rows = []
     for T in tokens:
         x = rng.standard_normal((T, D), dtype=np.float32)
         w = rng.random((T, shape["K"]), dtype=np.float32)
-        (sec,), n_exp = time_calls([run], routes(T, shape, max(4, n_calls_for(T) // 2), rng), x, w)
+        ids_list = routes(T, shape, max(4, n_calls_for(T) // 2), rng)
+        ((sec,), n_exp), dram = around(worker, probe, lambda: time_calls([run], ids_list, x, w))
         rows.append(_row(shape_name, "torch", "BF16", T, sec, n_exp * expert_bytes, dram))
         _print_row(rows[-1])
-    del gate, up, down
     return rows
+
+
+def around(worker: ExpertWorker, probe: Probe, fn):
+    """(fn(), the DRAM read GB/s around it): the mean of the probe's best of three right before and after."""
+    before = on_worker(worker, lambda: probe.read(3))["GB_per_s"]
+    result = fn()
+    after = on_worker(worker, lambda: probe.read(3))["GB_per_s"]
+    return result, (before + after) / 2
 
 
 def _row(shape, impl, types, T, sec, nbytes, dram) -> dict:
     return {"shape": shape, "impl": impl, "types": types, "T": T, "ms": 1e3 * sec, "tokens_per_s": T / sec,
-            "GB_read": nbytes / 1e9, "GB_per_s": nbytes / sec / 1e9, "frac_dram": nbytes / sec / 1e9 / dram}
+            "GB_read": nbytes / 1e9, "GB_per_s": nbytes / sec / 1e9, "dram_GB_per_s": dram,
+            "frac_dram": nbytes / sec / 1e9 / dram}
 
 
 HEADER = (f"{'shape':<8} {'impl':<8} {'types':<10} {'T':>4} {'ms':>9} {'tok/s':>9} {'GB read':>8} {'GB/s':>7} "
-          f"{'%DRAM':>6}  {'64xT=8 ms':>10} {'speedup':>7}  {'moe_ffn ms':>10}")
+          f"{'DRAM':>6} {'%DRAM':>6}  {'64xT=8 ms':>10} {'speedup':>7}  {'call ms':>8} {'moe_ffn ms':>10}")
 
 
 def _print_row(r: dict) -> None:
     extra = f"  {r['t8x64_ms']:>10.1f} {r['speedup_vs_t8x64']:>6.2f}x" if "t8x64_ms" in r else ""
     if "moe_ffn_ms" in r:
-        extra = f"  {'':>10} {'':>7}  {r['moe_ffn_ms']:>10.3f}"
+        extra = f"  {'':>10} {'':>7}  {r['call_ms']:>8.3f} {r['moe_ffn_ms']:>10.3f}"
     print(f"{r['shape']:<8} {r['impl']:<8} {r['types']:<10} {r['T']:>4} {r['ms']:>9.3f} {r['tokens_per_s']:>9.1f} "
-          f"{r['GB_read']:>8.3f} {r['GB_per_s']:>7.1f} {100 * r['frac_dram']:>5.1f}%{extra}", flush=True)
+          f"{r['GB_read']:>8.3f} {r['GB_per_s']:>7.1f} {r['dram_GB_per_s']:>6.1f} {100 * r['frac_dram']:>5.1f}%"
+          f"{extra}", flush=True)
 
 
 def machine(threads: int) -> dict:
@@ -228,30 +298,38 @@ def main(argv: list[str] | None = None) -> int:
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(threads)
     info = machine(numba.get_num_threads())
-    dram = read_bandwidth(args.dram_gib)
-    info["threading_layer"] = numba.threading_layer()
-    print(f"{info['cpu']}: {info['physical_cores']} cores, {info['logical_cpus']} CPUs, "
-          f"{info['memory_GiB']:.0f} GiB; {info['threads']} threads ({info['threading_layer']} layer), "
-          f"numba {info['numba']}, torch {info['torch']}")
-    info["matrix_path"] = gemm.enabled()
-    print(f"experts with {gemm.GEMM_MIN_TOKENS}+ tokens ({gemm.GEMM_MIN_TOKENS_TILED}+ with K-quant gate / up) in "
-          f"calls of {gemm.GEMM_MIN_CALL}+: "
-          + ("matrix products (kernels/cpu/gemm.py)" if info["matrix_path"] else
-             "row kernels (the matrix path is off: no AMX, or DSLOCAL_CPU_GEMM=0)"))
-    print(f"DRAM read bandwidth: {dram['GB_per_s']:.1f} GB/s ({dram['bytes'] / 2**30:.0f} GiB, best of 5)\n")
-    print(HEADER, flush=True)
-    rng = np.random.default_rng(0)
     rows = []
-    for s in shapes:
-        for t in types:
-            rows += bench_quant(s, t, tokens, dram["GB_per_s"], rng)
-        if not args.no_torch:
-            rows += bench_torch(s, tokens, dram["GB_per_s"], rng)
+    with ExpertWorker(numba.get_num_threads(), pin_memory=False) as worker:
+        probe = on_worker(worker, lambda: Probe(args.dram_gib))
+        dram = on_worker(worker, probe.read)
+        info["threading_layer"] = numba.threading_layer()
+        print(f"{info['cpu']}: {info['physical_cores']} cores, {info['logical_cpus']} CPUs, "
+              f"{info['memory_GiB']:.0f} GiB; {info['threads']} threads ({info['threading_layer']} layer), "
+              f"numba {info['numba']}, torch {info['torch']}")
+        info["matrix_path"] = gemm.enabled()
+        print(f"experts with {gemm.GEMM_MIN_TOKENS}+ tokens ({gemm.GEMM_MIN_TOKENS_TILED}+ with K-quant gate / up) "
+              f"in calls of {gemm.GEMM_MIN_CALL}+: "
+              + ("matrix products (kernels/cpu/gemm.py)" if info["matrix_path"] else
+                 "row kernels (the matrix path is off: no AMX, or DSLOCAL_CPU_GEMM=0)"))
+        print(f"DRAM read bandwidth at the start: {dram['GB_per_s']:.1f} GB/s ({dram['bytes'] / 2**30:.0f} GiB, "
+              f"best of 5); DRAM below: the probe right before and after each row\n")
+        print("T = 1: ms from the inputs' flag to the layer's end, as the decode step waits for it; call ms: a "
+              "Python call of the layer; moe_ffn ms: with moe_ffn's checks and allocations\n")
+        print(HEADER, flush=True)
+        rng = np.random.default_rng(0)
+        for s in shapes:
+            for t in types:
+                rows += bench_quant(worker, s, t, tokens, probe, rng)
+            if not args.no_torch:
+                rows += bench_torch(worker, s, tokens, probe, rng)
+        dram_after = on_worker(worker, probe.read)
+    print(f"\nDRAM read bandwidth at the end: {dram_after['GB_per_s']:.1f} GB/s (best of 5)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\npeak memory (RSS): {peak:.1f} GiB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "dram": dram, "peak_rss_GiB": peak, "rows": rows}, f, indent=1)
+            json.dump({"machine": info, "dram": dram, "dram_after": dram_after, "peak_rss_GiB": peak, "rows": rows},
+                      f, indent=1)
     return 0
 
 
